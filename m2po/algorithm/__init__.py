@@ -1,0 +1,41 @@
+"""The M2PO algorithm in plain PyTorch (no verl import): reusable anywhere, tested on its own."""
+
+from m2po.algorithm.losses import (
+    LOG_RATIO_LIMIT,
+    LOSS_AGG_MODES,
+    M2PO_VARIANTS,
+    TokenLosses,
+    aggregate_token_losses,
+    check_variant,
+    m2po_loss,
+    m2po_token_losses,
+    no_trust_region_loss,
+    no_trust_region_token_losses,
+    stats_to_floats,
+    validate_policy_inputs,
+)
+from m2po.algorithm.masking import (
+    check_m2_threshold,
+    second_moment_clip_bound,
+    second_moment_keep_mask,
+    trust_region_mask,
+)
+
+__all__ = [
+    "LOG_RATIO_LIMIT",
+    "LOSS_AGG_MODES",
+    "M2PO_VARIANTS",
+    "TokenLosses",
+    "aggregate_token_losses",
+    "check_m2_threshold",
+    "check_variant",
+    "m2po_loss",
+    "m2po_token_losses",
+    "no_trust_region_loss",
+    "no_trust_region_token_losses",
+    "second_moment_clip_bound",
+    "second_moment_keep_mask",
+    "stats_to_floats",
+    "trust_region_mask",
+    "validate_policy_inputs",
+]

@@ -1,0 +1,356 @@
+"""M2PO and no-trust-region policy losses on padded tensors (plain PyTorch, no verl import).
+
+The objective of M2PO (paper eq. 5), to minimise:
+
+    loss = -(1 / #valid tokens) * sum_i M_i * r_i * A_i,     r_i = exp(log pi_theta - log pi_behav)
+
+with no epsilon clipping; `M_i` is the keep-mask of Algorithm 1 (variant "mask") or, in the
+authors' released code (variant "clip"), a PPO clip with the bound `[exp(-cap), exp(cap)]`
+solved from the same second-moment budget. Masked tokens still count in the denominator
+(paper footnote 2). The `1 / #valid tokens` is `loss_agg_mode="token-mean"`; the other modes
+of verl's `agg_loss` are supported too.
+
+The functions here return per-token losses plus statistics; `aggregate_token_losses` turns
+them into a scalar for use outside verl. The verl integration aggregates with verl's own
+`agg_loss` instead (it knows the global batch size across micro-batches and ranks).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from m2po.algorithm.masking import (
+    check_m2_threshold,
+    second_moment_clip_bound,
+    second_moment_keep_mask,
+    trust_region_mask,
+)
+
+__all__ = [
+    "LOG_RATIO_LIMIT",
+    "LOSS_AGG_MODES",
+    "M2PO_VARIANTS",
+    "TokenLosses",
+    "aggregate_token_losses",
+    "check_variant",
+    "m2po_loss",
+    "m2po_token_losses",
+    "no_trust_region_loss",
+    "no_trust_region_token_losses",
+    "stats_to_floats",
+    "validate_policy_inputs",
+]
+
+# Same clamp on log r as verl's vanilla loss: exp(20) ~ 4.9e8 keeps r, r * A and their
+# gradients finite in float32 whatever the log-probs.
+LOG_RATIO_LIMIT = 20.0
+
+M2PO_VARIANTS = ("mask", "clip")
+LOSS_AGG_MODES = (
+    "token-mean",
+    "token-sum",
+    "seq-mean-token-sum",
+    "seq-mean-token-mean",
+    "seq-mean-token-sum-norm",
+)
+
+
+def check_variant(variant: str, key: str = "m2po_variant") -> str:
+    """Raise a ValueError naming `key` and the allowed values unless `variant` is one of them."""
+    if variant not in M2PO_VARIANTS:
+        raise ValueError(
+            f"{key} must be one of {list(M2PO_VARIANTS)} "
+            f"('mask' = paper Algorithm 1, 'clip' = authors' released code), got {variant!r}"
+        )
+    return variant
+
+
+@dataclass
+class TokenLosses:
+    """Per-token policy loss and what the trust region did.
+
+    Attributes:
+        token_losses: `(batch, response_len)` loss per token (0 on padding), differentiable.
+        keep_mask: `(batch, response_len)` bool, False on tokens whose gradient the trust
+            region removed (masked, or clipped for the "clip" variant).
+        stats: name -> 0-dim tensor (see README "Metrics"); detached.
+    """
+
+    token_losses: torch.Tensor
+    keep_mask: torch.Tensor
+    stats: dict[str, torch.Tensor]
+
+
+def validate_policy_inputs(
+    log_probs: torch.Tensor,
+    behaviour_log_probs: torch.Tensor,
+    advantages: torch.Tensor,
+    response_mask: torch.Tensor,
+    importance_weights: torch.Tensor | None = None,
+    check_finite: bool = True,
+) -> None:
+    """Fail early, and say why, on inputs that would silently corrupt the update.
+
+    Values on padding positions (response_mask False) are ignored. `check_finite` costs one
+    host synchronisation per call.
+
+    Raises:
+        TypeError: response_mask is not bool, or log-probs are not floating point.
+        ValueError: shapes differ, or a valid token has a NaN/inf log-prob, advantage or weight.
+    """
+    _check_structure(log_probs, behaviour_log_probs, advantages, response_mask, importance_weights)
+    if check_finite:
+        _check_finite(
+            log_probs - behaviour_log_probs, log_probs, behaviour_log_probs, advantages, response_mask, importance_weights
+        )
+
+
+def _check_structure(log_probs, behaviour_log_probs, advantages, response_mask, importance_weights) -> None:
+    named = {
+        "log_probs": log_probs,
+        "behaviour_log_probs": behaviour_log_probs,
+        "advantages": advantages,
+        "response_mask": response_mask,
+    }
+    if importance_weights is not None:
+        named["importance_weights"] = importance_weights
+    shapes = {name: tuple(t.shape) for name, t in named.items()}
+    if len(set(shapes.values())) != 1:
+        raise ValueError(f"policy-loss inputs must share one (batch, response_len) shape, got {shapes}")
+    if response_mask.dtype != torch.bool:
+        raise TypeError(
+            f"response_mask must be a bool tensor, got {response_mask.dtype}; pass response_mask.bool() "
+            "if it holds 0/1 values"
+        )
+    for name in ("log_probs", "behaviour_log_probs", "advantages"):
+        if not named[name].is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got {named[name].dtype}")
+
+
+def _check_finite(raw_log_ratio, log_probs, behaviour_log_probs, advantages, response_mask, importance_weights):
+    # One cheap probe (a sum is finite iff its terms are, short of overflow); the per-tensor
+    # count runs only when it trips, so a false alarm from an overflow raises nothing.
+    probe = raw_log_ratio + advantages
+    if importance_weights is not None:
+        probe = probe + importance_weights
+    if not bool((response_mask & ~torch.isfinite(probe)).any()):
+        return
+    named = {"log_probs": log_probs, "behaviour_log_probs": behaviour_log_probs, "advantages": advantages}
+    if importance_weights is not None:
+        named["importance_weights"] = importance_weights
+    counts = {name: int((response_mask & ~torch.isfinite(t)).sum()) for name, t in named.items()}
+    counts = {name: c for name, c in counts.items() if c}
+    if counts:
+        raise ValueError(
+            f"non-finite values (NaN/inf) on valid response tokens: {counts} "
+            f"(of {int(response_mask.sum())} valid tokens)"
+        )
+
+
+def _prepare(log_probs, behaviour_log_probs, advantages, response_mask, importance_weights, check_finite):
+    """Validated `(ratio, log_ratio, trust_region)`; `log_ratio` is 0 on padding, clamped."""
+    _check_structure(log_probs, behaviour_log_probs, advantages, response_mask, importance_weights)
+    raw_log_ratio = log_probs - behaviour_log_probs
+    if check_finite:
+        _check_finite(raw_log_ratio, log_probs, behaviour_log_probs, advantages, response_mask, importance_weights)
+    log_ratio = torch.where(response_mask, raw_log_ratio, 0.0).clamp(-LOG_RATIO_LIMIT, LOG_RATIO_LIMIT)
+    trust_region = trust_region_mask(log_ratio, advantages, response_mask)
+    return log_ratio.exp(), log_ratio, trust_region
+
+
+def _stats(
+    ratio: torch.Tensor,
+    log_ratio: torch.Tensor,
+    response_mask: torch.Tensor,
+    trust_region: torch.Tensor,
+    keep_mask: torch.Tensor,
+    moment_after: torch.Tensor,
+    counted_after: torch.Tensor,
+) -> dict[str, torch.Tensor]:
+    """Statistics shared by every loss here (all 0 when no token is valid, never NaN).
+
+    `log_ratio` must be 0 on padding. `moment_after` / `counted_after`: the per-token second
+    moment the update sees and which tokens count in its mean (masked tokens drop out; clipped
+    tokens count at the cap).
+    """
+    ratio, log_ratio = ratio.detach(), log_ratio.detach()
+    moment = log_ratio.square()
+    num_valid = response_mask.sum()
+    counted_trust_region = trust_region & counted_after
+    counted_valid = response_mask & counted_after
+    num_trust_region = trust_region.sum()
+    counts = torch.stack(
+        [num_valid, num_trust_region, counted_trust_region.sum(), counted_valid.sum()]
+    ).clamp(min=1)
+    sums = torch.stack(
+        [
+            (moment * trust_region).sum(),
+            (moment_after * counted_trust_region).sum(),
+            moment.sum(),
+            (moment_after * counted_valid).sum(),
+            torch.where(response_mask, ratio, 0.0).sum(),
+            -log_ratio.sum(),
+        ]
+    )
+    valid, trust, trust_after, valid_after = counts.unbind()
+    num_masked = (response_mask & ~keep_mask).sum()
+    return {
+        "m2_before": sums[0] / trust,
+        "m2_after": sums[1] / trust_after,
+        "m2_all_before": sums[2] / valid,
+        "m2_all_after": sums[3] / valid_after,
+        "masked_fraction": num_masked / valid,
+        "trust_region_fraction": num_trust_region / valid,
+        "ratio_mean": sums[4] / valid,
+        "ratio_max": torch.where(response_mask, ratio, 0.0).amax() if ratio.numel() else ratio.new_zeros(()),
+        "ppo_kl": sums[5] / valid,
+    }
+
+
+def m2po_token_losses(
+    log_probs: torch.Tensor,
+    behaviour_log_probs: torch.Tensor,
+    advantages: torch.Tensor,
+    response_mask: torch.Tensor,
+    m2_threshold: float = 0.04,
+    variant: str = "mask",
+    importance_weights: torch.Tensor | None = None,
+    check_finite: bool = True,
+) -> TokenLosses:
+    """Per-token M2PO loss `-M * r * A` (variant "mask") or the authors' clipped form ("clip").
+
+    Args:
+        log_probs: `(batch, response_len)` log pi_theta of the taken tokens (requires grad).
+        behaviour_log_probs: `(batch, response_len)` log pi_behav recorded when the rollout was
+            generated (verl's `old_log_prob`).
+        advantages: `(batch, response_len)`, e.g. GRPO group-normalised outcome advantages.
+        response_mask: `(batch, response_len)` bool.
+        m2_threshold: tau, the second-moment budget (paper: 0.04).
+        variant: "mask" (paper Algorithm 1) or "clip" (authors' released code).
+        importance_weights: optional `(batch, response_len)` per-token weights multiplied into the
+            loss (verl's rollout-correction `rollout_is_weights`).
+        check_finite: reject NaN/inf on valid tokens (one host sync).
+
+    Returns:
+        TokenLosses; stats also hold `log_ratio_cap` for the "clip" variant (`LOG_RATIO_LIMIT`
+        when no token is clipped).
+    """
+    tau = check_m2_threshold(m2_threshold)
+    check_variant(variant)
+    ratio, log_ratio, trust_region = _prepare(
+        log_probs, behaviour_log_probs, advantages, response_mask, importance_weights, check_finite
+    )
+    moment = log_ratio.detach().square()
+    if variant == "mask":
+        keep_mask = second_moment_keep_mask(log_ratio, trust_region, tau)
+        token_losses = -advantages * ratio
+        stats = _stats(ratio, log_ratio, response_mask, trust_region, keep_mask, moment, keep_mask)
+    else:
+        cap = second_moment_clip_bound(log_ratio, trust_region, tau).to(log_ratio.dtype)
+        # PPO's pessimistic clip with bounds [exp(-cap), exp(cap)] binds exactly on trust-region
+        # tokens with |log r| > cap: there the loss is the constant -A * exp(+-cap), no gradient.
+        keep_mask = ~(trust_region & (log_ratio.detach().abs() > cap))
+        clipped_ratio = log_ratio.detach().clamp(-cap, cap).exp()
+        token_losses = -advantages * torch.where(keep_mask, ratio, clipped_ratio)
+        moment_after = torch.where(trust_region, torch.minimum(moment, cap.square()), moment)
+        stats = _stats(ratio, log_ratio, response_mask, trust_region, keep_mask, moment_after, response_mask)
+        stats["log_ratio_cap"] = cap.clamp(max=LOG_RATIO_LIMIT)
+        # Clipped tokens keep PPO's constant value -A * exp(+-cap), as in the released code.
+        return TokenLosses(_finish(token_losses, response_mask, importance_weights), keep_mask, stats)
+    return TokenLosses(_finish(token_losses, keep_mask & response_mask, importance_weights), keep_mask, stats)
+
+
+def _finish(token_losses, contributing, importance_weights):
+    if importance_weights is not None:
+        token_losses = token_losses * importance_weights
+    # where, not a product: a masked token must contribute exactly 0, gradient included.
+    return torch.where(contributing, token_losses, 0.0)
+
+
+def no_trust_region_token_losses(
+    log_probs: torch.Tensor,
+    behaviour_log_probs: torch.Tensor,
+    advantages: torch.Tensor,
+    response_mask: torch.Tensor,
+    importance_weights: torch.Tensor | None = None,
+    check_finite: bool = True,
+) -> TokenLosses:
+    """Per-token importance-weighted policy gradient `-r * A` with no trust region at all.
+
+    The paper's "GRPO no TR" baseline (PPO with epsilon = infinity). Same arguments and stats
+    as `m2po_token_losses` (nothing is ever masked).
+    """
+    ratio, log_ratio, trust_region = _prepare(
+        log_probs, behaviour_log_probs, advantages, response_mask, importance_weights, check_finite
+    )
+    keep_mask = torch.ones_like(response_mask)
+    moment = log_ratio.detach().square()
+    stats = _stats(ratio, log_ratio, response_mask, trust_region, keep_mask, moment, keep_mask)
+    token_losses = _finish(-advantages * ratio, response_mask, importance_weights)
+    return TokenLosses(token_losses=token_losses, keep_mask=keep_mask, stats=stats)
+
+
+def aggregate_token_losses(
+    token_losses: torch.Tensor, response_mask: torch.Tensor, loss_agg_mode: str = "token-mean"
+) -> torch.Tensor:
+    """Scalar loss from `(batch, response_len)` token losses, with verl's `agg_loss` semantics
+    for a single local batch (no data parallelism). Never NaN: an empty mask gives 0.
+
+    Modes: "token-mean" (paper), "token-sum", "seq-mean-token-sum", "seq-mean-token-mean",
+    "seq-mean-token-sum-norm" (token sum divided by response_len).
+    """
+    masked = torch.where(response_mask, token_losses, 0.0)
+    if loss_agg_mode == "token-mean":
+        return masked.sum() / response_mask.sum().clamp(min=1)
+    if loss_agg_mode == "token-sum":
+        return masked.sum()
+    tokens_per_sequence = response_mask.sum(dim=-1)
+    num_sequences = (tokens_per_sequence > 0).sum().clamp(min=1)
+    if loss_agg_mode in ("seq-mean-token-sum", "seq-mean-token-sum-norm"):
+        loss = masked.sum(dim=-1).sum() / num_sequences
+        if loss_agg_mode == "seq-mean-token-sum-norm":
+            loss = loss / response_mask.shape[-1]
+        return loss
+    if loss_agg_mode == "seq-mean-token-mean":
+        return (masked.sum(dim=-1) / tokens_per_sequence.clamp(min=1)).sum() / num_sequences
+    raise ValueError(f"loss_agg_mode must be one of {list(LOSS_AGG_MODES)}, got {loss_agg_mode!r}")
+
+
+def m2po_loss(
+    log_probs: torch.Tensor,
+    behaviour_log_probs: torch.Tensor,
+    advantages: torch.Tensor,
+    response_mask: torch.Tensor,
+    m2_threshold: float = 0.04,
+    variant: str = "mask",
+    loss_agg_mode: str = "token-mean",
+    importance_weights: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Scalar M2PO loss and its statistics (see `m2po_token_losses`)."""
+    out = m2po_token_losses(
+        log_probs, behaviour_log_probs, advantages, response_mask, m2_threshold, variant, importance_weights
+    )
+    return aggregate_token_losses(out.token_losses, response_mask, loss_agg_mode), out.stats
+
+
+def no_trust_region_loss(
+    log_probs: torch.Tensor,
+    behaviour_log_probs: torch.Tensor,
+    advantages: torch.Tensor,
+    response_mask: torch.Tensor,
+    loss_agg_mode: str = "token-mean",
+    importance_weights: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Scalar no-trust-region loss and its statistics (see `no_trust_region_token_losses`)."""
+    out = no_trust_region_token_losses(log_probs, behaviour_log_probs, advantages, response_mask, importance_weights)
+    return aggregate_token_losses(out.token_losses, response_mask, loss_agg_mode), out.stats
+
+
+def stats_to_floats(stats: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Python floats for logging, with a single device-to-host copy."""
+    if not stats:
+        return {}
+    values = torch.stack([v.detach().double().reshape(()) for v in stats.values()]).tolist()
+    return dict(zip(stats.keys(), values))

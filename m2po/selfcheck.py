@@ -1,0 +1,98 @@
+"""Is the plugin really registered in verl? Checked in a fresh interpreter, as a Ray worker sees it.
+
+verl imports `verl.plugins` entry points on `import verl` and swallows their errors at DEBUG
+level, so a broken install otherwise surfaces only later, as "Unsupported loss mode: m2po".
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import traceback
+from importlib import metadata
+
+ENTRY_POINT_GROUP = "verl.plugins"
+ENTRY_POINT_NAME = "m2po"
+
+# Runs in a fresh process: only `import verl`, nothing of ours, then reports what verl registered.
+_PROBE = r"""
+import json, sys
+import verl
+from verl.trainer.ppo.core_algos import POLICY_LOSS_REGISTRY
+report = {"verl": verl.__version__, "python": sys.version.split()[0], "registered": {}}
+for name in ("m2po", "no_trust_region"):
+    fn = POLICY_LOSS_REGISTRY.get(name)
+    report["registered"][name] = None if fn is None else f"{fn.__module__}.{fn.__qualname__}"
+import torch, transformers
+report["torch"] = torch.__version__
+report["transformers"] = transformers.__version__
+print("M2PO_PROBE " + json.dumps(report))
+"""
+
+
+def _probe_fresh_process() -> tuple[dict | None, str]:
+    proc = subprocess.run([sys.executable, "-c", _PROBE], capture_output=True, text=True, timeout=300)
+    for line in proc.stdout.splitlines():
+        if line.startswith("M2PO_PROBE "):
+            return json.loads(line[len("M2PO_PROBE ") :]), ""
+    return None, (proc.stderr or proc.stdout)[-4000:]
+
+
+def _diagnose() -> list[str]:
+    """Why registration failed, as far as can be told from here."""
+    hints = []
+    policy = os.getenv("VERL_USE_EXTERNAL_PLUGINS", "auto").strip().lower()
+    if policy == "none" or (policy != "auto" and ENTRY_POINT_NAME not in {p.strip() for p in policy.split(",")}):
+        hints.append(f"VERL_USE_EXTERNAL_PLUGINS={policy!r} excludes the '{ENTRY_POINT_NAME}' plugin; unset it")
+    entry_points = [ep for ep in metadata.entry_points(group=ENTRY_POINT_GROUP) if ep.name == ENTRY_POINT_NAME]
+    if not entry_points:
+        hints.append(
+            f"no '{ENTRY_POINT_NAME}' entry point in group '{ENTRY_POINT_GROUP}' for {sys.executable}: "
+            "install the package into this environment (pip install m2po, or pip install -e .)"
+        )
+    for ep in entry_points:
+        try:
+            ep.load()
+        except Exception:  # noqa: BLE001 - we want the traceback verl hides
+            hints.append(f"loading entry point {ep.value!r} fails:\n{traceback.format_exc()}")
+    return hints
+
+
+def config_dir() -> str:
+    """Directory of the shipped hydra configs (for `--config-path`)."""
+    from m2po import configs
+
+    return os.path.dirname(os.path.abspath(configs.__file__))
+
+
+def run_check(stream=sys.stdout) -> int:
+    """Print versions and registration status; 0 when both loss modes come from m2po."""
+    report, error = _probe_fresh_process()
+    try:
+        version = metadata.version("m2po")
+    except metadata.PackageNotFoundError:
+        version = "not installed"
+    print(f"m2po {version} (configs: {config_dir()})", file=stream)
+    if report is None:
+        print("FAIL: `import verl` failed in a fresh process:\n" + error, file=stream)
+        return 1
+    print(
+        f"verl {report['verl']}, torch {report['torch']}, transformers {report['transformers']}, "
+        f"python {report['python']}",
+        file=stream,
+    )
+    ok = True
+    for name, target in report["registered"].items():
+        ours = target is not None and target.startswith("m2po.")
+        ok &= ours
+        status = "ok" if ours else ("MISSING" if target is None else f"registered by someone else: {target}")
+        print(f"  loss_mode={name}: {status}{f' ({target})' if ours else ''}", file=stream)
+    if not ok:
+        for hint in _diagnose():
+            print("  hint: " + hint, file=stream)
+        print("FAIL: M2PO losses are not registered in verl", file=stream)
+        return 1
+    print("OK: a fresh `import verl` registers the M2PO losses (as in every Ray worker of this environment)", file=stream)
+    return 0

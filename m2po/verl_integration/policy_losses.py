@@ -1,0 +1,124 @@
+"""verl-signature wrappers around `m2po.algorithm`, registered in verl's policy-loss registry.
+
+verl calls a policy loss once per micro-batch (`workers/utils/losses.py::ppo_loss`) with padded
+`(micro_batch, response_len)` tensors. The M2 statistic, and hence the mask, is therefore taken
+over the micro-batch, as in every public implementation. Aggregation goes through verl's own
+`agg_loss` with `config.global_batch_info`, so the micro-batch and data-parallel normalisation
+is exactly that of verl's vanilla loss.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from verl.trainer.ppo.core_algos import agg_loss, register_policy_loss
+
+from m2po.algorithm import TokenLosses, m2po_token_losses, no_trust_region_token_losses, stats_to_floats
+from m2po.verl_integration.config import M2POPolicyLossConfig
+
+logger = logging.getLogger(__name__)
+
+METRIC_PREFIX = "actor/m2po/"
+_DEFAULTS = M2POPolicyLossConfig()
+_warned_default_config = False
+
+
+def _m2po_params(config: Any) -> tuple[float, str]:
+    """(m2_threshold, variant) from the actor config; paper defaults when not configured."""
+    policy_loss = getattr(config, "policy_loss", None) if config is not None else None
+    threshold = policy_loss.get("m2_threshold", None) if policy_loss is not None else None
+    variant = policy_loss.get("m2po_variant", None) if policy_loss is not None else None
+    if threshold is None or variant is None:
+        global _warned_default_config
+        if not _warned_default_config:
+            logger.warning(
+                "loss_mode=m2po but actor.policy_loss is not an M2POPolicyLossConfig; using the paper "
+                "defaults m2_threshold=%s, m2po_variant=%s. Set actor_rollout_ref.actor.policy_loss._target_="
+                "m2po.verl_integration.config.M2POPolicyLossConfig (configs/m2po_trainer.yaml does) to change them.",
+                _DEFAULTS.m2_threshold,
+                _DEFAULTS.m2po_variant,
+            )
+            _warned_default_config = True
+        threshold = _DEFAULTS.m2_threshold if threshold is None else threshold
+        variant = _DEFAULTS.m2po_variant if variant is None else variant
+    return threshold, variant
+
+
+def _to_verl(
+    out: TokenLosses, response_mask: torch.Tensor, loss_agg_mode: str, config: Any
+) -> tuple[torch.Tensor, dict[str, float]]:
+    global_batch_info = getattr(config, "global_batch_info", None) or {}
+    loss = agg_loss(
+        loss_mat=out.token_losses, loss_mask=response_mask, loss_agg_mode=loss_agg_mode, **global_batch_info
+    )
+    stats = stats_to_floats(out.stats)
+    metrics = {METRIC_PREFIX + name: value for name, value in stats.items()}
+    # verl's standard keys, so dashboards compare M2PO with clipped GRPO directly.
+    metrics["actor/ppo_kl"] = stats["ppo_kl"]
+    metrics["actor/pg_clipfrac"] = stats["masked_fraction"]
+    return loss, metrics
+
+
+@register_policy_loss("m2po")
+def compute_policy_loss_m2po(
+    old_log_prob: torch.Tensor,
+    log_prob: torch.Tensor,
+    advantages: torch.Tensor,
+    response_mask: torch.Tensor,
+    loss_agg_mode: str = "token-mean",
+    config: Any = None,
+    rollout_is_weights: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """M2PO policy loss (verl `loss_mode=m2po`).
+
+    Args:
+        old_log_prob: `(micro_batch, response_len)` behaviour log-probs (the policy that
+            generated the rollout, however stale).
+        log_prob: `(micro_batch, response_len)` current policy log-probs.
+        advantages: `(micro_batch, response_len)`.
+        response_mask: `(micro_batch, response_len)` bool.
+        loss_agg_mode: verl's aggregation mode (paper: "token-mean").
+        config: the actor config; `config.policy_loss` an `M2POPolicyLossConfig`.
+        rollout_is_weights: optional rollout-correction weights, multiplied into the token loss.
+
+    Returns:
+        (scalar loss, metrics with `actor/m2po/*`, `actor/ppo_kl`, `actor/pg_clipfrac`).
+    """
+    threshold, variant = _m2po_params(config)
+    out = m2po_token_losses(
+        log_probs=log_prob,
+        behaviour_log_probs=old_log_prob,
+        advantages=advantages,
+        response_mask=response_mask,
+        m2_threshold=threshold,
+        variant=variant,
+        importance_weights=rollout_is_weights,
+    )
+    return _to_verl(out, response_mask, loss_agg_mode, config)
+
+
+@register_policy_loss("no_trust_region")
+def compute_policy_loss_no_trust_region(
+    old_log_prob: torch.Tensor,
+    log_prob: torch.Tensor,
+    advantages: torch.Tensor,
+    response_mask: torch.Tensor,
+    loss_agg_mode: str = "token-mean",
+    config: Any = None,
+    rollout_is_weights: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Importance-weighted policy gradient with no trust region (paper's "GRPO no TR").
+
+    Same arguments and metrics as `compute_policy_loss_m2po` (the masked fraction is always 0);
+    logging the same M2 statistics lets a run show the second moment that M2PO would constrain.
+    """
+    out = no_trust_region_token_losses(
+        log_probs=log_prob,
+        behaviour_log_probs=old_log_prob,
+        advantages=advantages,
+        response_mask=response_mask,
+        importance_weights=rollout_is_weights,
+    )
+    return _to_verl(out, response_mask, loss_agg_mode, config)
