@@ -17,6 +17,7 @@ them into a scalar for use outside verl. The verl integration aggregates with ve
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -130,12 +131,12 @@ def _check_structure(log_probs, behaviour_log_probs, advantages, response_mask, 
 
 
 def _check_finite(raw_log_ratio, log_probs, behaviour_log_probs, advantages, response_mask, importance_weights):
-    # One cheap probe (a sum is finite iff its terms are, short of overflow); the per-tensor
-    # count runs only when it trips, so a false alarm from an overflow raises nothing.
+    # One cheap probe: a sum over the valid tokens is finite iff its terms are (short of an
+    # overflow). The per-tensor count runs only when it trips, so an overflow raises nothing.
     probe = raw_log_ratio + advantages
     if importance_weights is not None:
         probe = probe + importance_weights
-    if not bool((response_mask & ~torch.isfinite(probe)).any()):
+    if math.isfinite(torch.where(response_mask, probe, 0.0).sum().item()):
         return
     named = {"log_probs": log_probs, "behaviour_log_probs": behaviour_log_probs, "advantages": advantages}
     if importance_weights is not None:
@@ -150,62 +151,67 @@ def _check_finite(raw_log_ratio, log_probs, behaviour_log_probs, advantages, res
 
 
 def _prepare(log_probs, behaviour_log_probs, advantages, response_mask, importance_weights, check_finite):
-    """Validated `(ratio, log_ratio, trust_region)`; `log_ratio` is 0 on padding, clamped."""
+    """Validated `(ratio, log_ratio, second_moment, trust_region)`; `log_ratio` is clamped and
+    0 on padding, so `second_moment` is too."""
     _check_structure(log_probs, behaviour_log_probs, advantages, response_mask, importance_weights)
     raw_log_ratio = log_probs - behaviour_log_probs
     if check_finite:
         _check_finite(raw_log_ratio, log_probs, behaviour_log_probs, advantages, response_mask, importance_weights)
     log_ratio = torch.where(response_mask, raw_log_ratio, 0.0).clamp(-LOG_RATIO_LIMIT, LOG_RATIO_LIMIT)
     trust_region = trust_region_mask(log_ratio, advantages, response_mask)
-    return log_ratio.exp(), log_ratio, trust_region
+    return log_ratio.exp(), log_ratio, log_ratio.detach().square(), trust_region
 
 
 def _stats(
     ratio: torch.Tensor,
     log_ratio: torch.Tensor,
+    second_moment: torch.Tensor,
     response_mask: torch.Tensor,
     trust_region: torch.Tensor,
     keep_mask: torch.Tensor,
-    moment_after: torch.Tensor,
-    counted_after: torch.Tensor,
+    cap_squared: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """Statistics shared by every loss here (all 0 when no token is valid, never NaN).
 
-    `log_ratio` must be 0 on padding. `moment_after` / `counted_after`: the per-token second
-    moment the update sees and which tokens count in its mean (masked tokens drop out; clipped
-    tokens count at the cap).
+    `log_ratio` and `second_moment` must be 0 on padding and `keep_mask` True there; the tokens
+    not kept are trust-region tokens. After the trust region, a dropped token leaves the mean
+    (mask variant, `cap_squared=None`) or counts at the cap (clip variant). Sums accumulate in
+    float64: "after" is "before" minus the dropped tokens, which may dominate.
     """
     ratio, log_ratio = ratio.detach(), log_ratio.detach()
-    moment = log_ratio.square()
-    num_valid = response_mask.sum()
-    counted_trust_region = trust_region & counted_after
-    counted_valid = response_mask & counted_after
-    num_trust_region = trust_region.sum()
-    counts = torch.stack(
-        [num_valid, num_trust_region, counted_trust_region.sum(), counted_valid.sum()]
-    ).clamp(min=1)
-    sums = torch.stack(
-        [
-            (moment * trust_region).sum(),
-            (moment_after * counted_trust_region).sum(),
-            moment.sum(),
-            (moment_after * counted_valid).sum(),
-            torch.where(response_mask, ratio, 0.0).sum(),
-            -log_ratio.sum(),
-        ]
-    )
-    valid, trust, trust_after, valid_after = counts.unbind()
-    num_masked = (response_mask & ~keep_mask).sum()
+    f64 = torch.float64
+    dropped = ~keep_mask
+    num_valid, num_trust, num_dropped = (t.sum().to(f64) for t in (response_mask, trust_region, dropped))
+    moment_sum = second_moment.sum(dtype=f64)
+    trust_moment_sum = torch.where(trust_region, second_moment, 0.0).sum(dtype=f64)
+    dropped_moment_sum = torch.where(dropped, second_moment, 0.0).sum(dtype=f64)
+    if cap_squared is None:
+        trust_after, all_after, num_trust_after, num_valid_after = (
+            trust_moment_sum - dropped_moment_sum,
+            moment_sum - dropped_moment_sum,
+            num_trust - num_dropped,
+            num_valid - num_dropped,
+        )
+    else:
+        # Nothing dropped means an infinite cap: 0 * inf must read as 0.
+        at_cap = torch.where(num_dropped > 0, num_dropped * cap_squared.to(f64), 0.0)
+        trust_after, all_after, num_trust_after, num_valid_after = (
+            trust_moment_sum - dropped_moment_sum + at_cap,
+            moment_sum - dropped_moment_sum + at_cap,
+            num_trust,
+            num_valid,
+        )
+    valid = num_valid.clamp(min=1)
     return {
-        "m2_before": sums[0] / trust,
-        "m2_after": sums[1] / trust_after,
-        "m2_all_before": sums[2] / valid,
-        "m2_all_after": sums[3] / valid_after,
-        "masked_fraction": num_masked / valid,
-        "trust_region_fraction": num_trust_region / valid,
-        "ratio_mean": sums[4] / valid,
+        "m2_before": trust_moment_sum / num_trust.clamp(min=1),
+        "m2_after": trust_after / num_trust_after.clamp(min=1),
+        "m2_all_before": moment_sum / valid,
+        "m2_all_after": all_after / num_valid_after.clamp(min=1),
+        "masked_fraction": num_dropped / valid,
+        "trust_region_fraction": num_trust / valid,
+        "ratio_mean": torch.where(response_mask, ratio, 0.0).sum(dtype=f64) / valid,
         "ratio_max": torch.where(response_mask, ratio, 0.0).amax() if ratio.numel() else ratio.new_zeros(()),
-        "ppo_kl": sums[5] / valid,
+        "ppo_kl": -log_ratio.sum(dtype=f64) / valid,
     }
 
 
@@ -239,27 +245,24 @@ def m2po_token_losses(
     """
     tau = check_m2_threshold(m2_threshold)
     check_variant(variant)
-    ratio, log_ratio, trust_region = _prepare(
+    ratio, log_ratio, second_moment, trust_region = _prepare(
         log_probs, behaviour_log_probs, advantages, response_mask, importance_weights, check_finite
     )
-    moment = log_ratio.detach().square()
     if variant == "mask":
         keep_mask = second_moment_keep_mask(log_ratio, trust_region, tau)
-        token_losses = -advantages * ratio
-        stats = _stats(ratio, log_ratio, response_mask, trust_region, keep_mask, moment, keep_mask)
-    else:
-        cap = second_moment_clip_bound(log_ratio, trust_region, tau).to(log_ratio.dtype)
-        # PPO's pessimistic clip with bounds [exp(-cap), exp(cap)] binds exactly on trust-region
-        # tokens with |log r| > cap: there the loss is the constant -A * exp(+-cap), no gradient.
-        keep_mask = ~(trust_region & (log_ratio.detach().abs() > cap))
-        clipped_ratio = log_ratio.detach().clamp(-cap, cap).exp()
-        token_losses = -advantages * torch.where(keep_mask, ratio, clipped_ratio)
-        moment_after = torch.where(trust_region, torch.minimum(moment, cap.square()), moment)
-        stats = _stats(ratio, log_ratio, response_mask, trust_region, keep_mask, moment_after, response_mask)
-        stats["log_ratio_cap"] = cap.clamp(max=LOG_RATIO_LIMIT)
-        # Clipped tokens keep PPO's constant value -A * exp(+-cap), as in the released code.
-        return TokenLosses(_finish(token_losses, response_mask, importance_weights), keep_mask, stats)
-    return TokenLosses(_finish(token_losses, keep_mask & response_mask, importance_weights), keep_mask, stats)
+        stats = _stats(ratio, log_ratio, second_moment, response_mask, trust_region, keep_mask)
+        token_losses = _finish(-advantages * ratio, keep_mask & response_mask, importance_weights)
+        return TokenLosses(token_losses=token_losses, keep_mask=keep_mask, stats=stats)
+    cap = second_moment_clip_bound(log_ratio, trust_region, tau).to(log_ratio.dtype)
+    # PPO's pessimistic clip with bounds [exp(-cap), exp(cap)] binds exactly on trust-region
+    # tokens with |log r| > cap: there the loss is the constant -A * exp(+-cap), as in the
+    # released code, with no gradient.
+    keep_mask = ~(trust_region & (log_ratio.detach().abs() > cap))
+    clipped_ratio = log_ratio.detach().clamp(-cap, cap).exp()
+    stats = _stats(ratio, log_ratio, second_moment, response_mask, trust_region, keep_mask, cap.square())
+    stats["log_ratio_cap"] = cap.clamp(max=LOG_RATIO_LIMIT)
+    token_losses = _finish(-advantages * torch.where(keep_mask, ratio, clipped_ratio), response_mask, importance_weights)
+    return TokenLosses(token_losses=token_losses, keep_mask=keep_mask, stats=stats)
 
 
 def _finish(token_losses, contributing, importance_weights):
@@ -282,12 +285,11 @@ def no_trust_region_token_losses(
     The paper's "GRPO no TR" baseline (PPO with epsilon = infinity). Same arguments and stats
     as `m2po_token_losses` (nothing is ever masked).
     """
-    ratio, log_ratio, trust_region = _prepare(
+    ratio, log_ratio, second_moment, trust_region = _prepare(
         log_probs, behaviour_log_probs, advantages, response_mask, importance_weights, check_finite
     )
     keep_mask = torch.ones_like(response_mask)
-    moment = log_ratio.detach().square()
-    stats = _stats(ratio, log_ratio, response_mask, trust_region, keep_mask, moment, keep_mask)
+    stats = _stats(ratio, log_ratio, second_moment, response_mask, trust_region, keep_mask)
     token_losses = _finish(-advantages * ratio, response_mask, importance_weights)
     return TokenLosses(token_losses=token_losses, keep_mask=keep_mask, stats=stats)
 

@@ -65,28 +65,62 @@ def trust_region_mask(
     return response_mask & same_sign
 
 
-def _split_candidates(log_ratio: torch.Tensor, candidates: torch.Tensor, tau: float):
-    """Split candidates into those that can never be constrained and the few that can.
+# Candidate split thresholds, as multiples of tau: T_k = tau * 2**k.
+_SPLIT_MULTIPLES = [2.0**k for k in range(16)]
 
-    A candidate with `d**2 <= tau` is never masked: all such candidates together already have
-    a mean `<= tau`, so Algorithm 1 stops before reaching any of them (and for the same reason
-    the clip cap `c` satisfies `c >= tau`). Only the "high" candidates (`d**2 > tau`) are sorted,
-    which in practice is a small fraction of the batch.
+
+def _split_candidates(log_ratio: torch.Tensor, candidates: torch.Tensor, tau: float, rule: str):
+    """Split candidates into the many that can never be constrained and the few that can.
+
+    Sorting is the expensive step, so only candidates above a safe threshold `T` are sorted:
+    - "mask": the candidates with `d**2 <= T` form a prefix of the ascending order; if their
+      mean is `<= tau`, Algorithm 1 stops before reaching any of them.
+    - "clip": if `mean(min(d**2, T)) <= tau`, the cap `c` satisfies `c >= T`, so none of them
+      is capped.
+    `T = tau` always qualifies (for "mask" because each of those has `d**2 <= tau`; for "clip"
+    because `min(m, tau) <= tau`). Candidates above `tau` are then bucketed to find the largest
+    qualifying `tau * 2**k` (with a 1e-9 relative safety margin, so rounding can only make the
+    split smaller).
 
     Returns `(high_index_sorted, high_moment_sorted, low_count, low_sum)`: flat indices of the
-    high candidates ordered by ascending `d**2` (stable: among ties the smaller index first, so
-    the larger index is dropped first), their float64 second moments, and the count and float64
-    sum of the low candidates. Costs one host synchronisation (sizing the high set).
+    candidates above `T` ordered by ascending `d**2` (stable: among ties the smaller index first,
+    so the larger index is dropped first), their float64 second moments, and the count and
+    float64 sum over the candidates at or below `T`. Two host synchronisations (sizing the subsets).
     """
-    second_moment = log_ratio.detach().reshape(-1).double().square()
+    abs_log_ratio = log_ratio.detach().reshape(-1).abs()
     flat_candidates = candidates.reshape(-1)
-    high = flat_candidates & (second_moment > tau)
-    low = flat_candidates & ~high
-    low_count = low.sum()
-    low_sum = torch.where(low, second_moment, 0.0).sum()
-    high_index = high.nonzero().squeeze(1)
-    high_moment_sorted, order = torch.sort(second_moment[high_index], stable=True)
-    return high_index[order], high_moment_sorted, low_count, low_sum
+    device = log_ratio.device
+    # Level 1, over all tokens, in the input dtype: T = tau always qualifies, so only candidates
+    # with d**2 > tau go further (the margin makes this a superset despite rounding of sqrt).
+    above_tau = flat_candidates & (abs_log_ratio > math.sqrt(tau) * (1 - 1e-6))
+    sub_index = above_tau.nonzero().squeeze(1)
+    below_abs = torch.where(flat_candidates & ~above_tau, abs_log_ratio, 0.0).double()
+    below_sum = torch.dot(below_abs, below_abs)  # float64 squares of float32/bf16 values are exact
+    below_count = (flat_candidates.sum() - sub_index.numel()).double()
+    if sub_index.numel() == 0:
+        empty = torch.zeros(0, dtype=torch.float64, device=device)
+        return sub_index, empty, below_count, below_sum
+
+    # Level 2, over that subset: the largest qualifying T among tau * 2**k.
+    sub_abs = abs_log_ratio[sub_index]
+    sub_moment = sub_abs.double().square()
+    thresholds = torch.tensor(_SPLIT_MULTIPLES, dtype=torch.float64, device=device) * tau
+    bucket = torch.bucketize(sub_moment, thresholds)  # bucket k <=> T_(k-1) < m <= T_k
+    num_thresholds = len(_SPLIT_MULTIPLES)
+    count_at_or_below = below_count + torch.bincount(bucket, minlength=num_thresholds + 1)[:-1].cumsum(0)
+    sum_at_or_below = below_sum + torch.bincount(bucket, weights=sub_moment, minlength=num_thresholds + 1)[:-1].cumsum(0)
+    margin = 1 - 1e-9
+    if rule == "mask":
+        safe = sum_at_or_below <= tau * count_at_or_below * margin
+    else:
+        count_all = below_count + sub_index.numel()
+        safe = sum_at_or_below + thresholds * (count_all - count_at_or_below) <= tau * count_all * margin
+    safe[0] = True  # T = tau: exact argument above, no rounding involved
+    split = (torch.arange(num_thresholds, device=device) * safe).max()
+    high = sub_moment > thresholds[split]
+    high_index, high_abs = sub_index[high], sub_abs[high]
+    _, order = torch.sort(high_abs, stable=True)  # |d| orders d**2 exactly; stable keeps index order
+    return high_index[order], sub_moment[high][order], count_at_or_below[split], sum_at_or_below[split]
 
 
 def second_moment_keep_mask(
@@ -98,7 +132,7 @@ def second_moment_keep_mask(
     over the candidates that remain is `<= m2_threshold`. Since dropping the largest element
     never raises the mean, the result keeps the `c` smallest candidates for the largest `c`
     whose mean is `<= tau` (`c = 0` when even the smallest exceeds it): one ascending sort and
-    one cumulative sum, over the candidates with `d**2 > tau` only (see `_split_candidates`).
+    one cumulative sum, over the few candidates that can be masked (see `_split_candidates`).
 
     Args:
         log_ratio: `(batch, response_len)` `log pi_theta - log pi_behav`; not differentiated.
@@ -110,9 +144,11 @@ def second_moment_keep_mask(
         `(batch, response_len)` bool, False exactly on the masked tokens.
     """
     tau = check_m2_threshold(m2_threshold)
-    high_index, high_moment, low_count, low_sum = _split_candidates(log_ratio, candidates, tau)
-    num_high = high_index.numel()
     keep = torch.ones(log_ratio.numel(), dtype=torch.bool, device=log_ratio.device)
+    if math.isinf(tau):
+        return keep.reshape(log_ratio.shape)
+    high_index, high_moment, low_count, low_sum = _split_candidates(log_ratio, candidates, tau, "mask")
+    num_high = high_index.numel()
     if num_high == 0:
         return keep.reshape(log_ratio.shape)
     high_kept = torch.arange(1, num_high + 1, device=log_ratio.device)
@@ -134,8 +170,8 @@ def second_moment_clip_bound(
 
     `f(c) = mean(min(m, c))` is piecewise linear and increasing; on sorted candidates
     `m_(0) <= ... <= m_(n-1)` the cap lies above the first `J` values, where `J` counts the
-    `j` with `f(m_(j)) <= tau`, and then `c = (tau * n - sum_{j<J} m_(j)) / (n - J)`. Candidates
-    with `m <= tau` always count in `J` (`f(tau) <= tau`), so only the others are sorted.
+    `j` with `f(m_(j)) <= tau`, and then `c = (tau * n - sum_{j<J} m_(j)) / (n - J)`. Only the
+    candidates that can be capped are sorted (see `_split_candidates`).
 
     Args:
         log_ratio: `(batch, response_len)`; not differentiated.
@@ -146,11 +182,14 @@ def second_moment_clip_bound(
         0-dim float64 tensor: the cap on `|log r|` (`inf` when inactive).
     """
     tau = check_m2_threshold(m2_threshold)
-    high_index, high_moment, low_count, low_sum = _split_candidates(log_ratio, candidates, tau)
+    no_cap = torch.tensor(math.inf, dtype=torch.float64, device=log_ratio.device)
+    if math.isinf(tau):
+        return no_cap
+    high_index, high_moment, low_count, low_sum = _split_candidates(log_ratio, candidates, tau, "clip")
     num_high = high_index.numel()
     if num_high == 0:
-        return torch.tensor(math.inf, dtype=torch.float64, device=log_ratio.device)
-    num_candidates = (low_count + num_high).double()  # tau * int tensor would be float32
+        return no_cap
+    num_candidates = low_count + num_high
     rank = torch.arange(num_high, device=log_ratio.device)
     prefix_sum_exclusive = low_sum + torch.cumsum(high_moment, dim=0) - high_moment
     # n * f(m_(j)): everything below m_(j) in full, m_(j) itself for it and all above it.

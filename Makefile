@@ -1,0 +1,37 @@
+# One command per job; each creates .venv from scratch when it is missing or pyproject.toml changed.
+#   make test    install everything (CPU) and run the whole test suite  <- CI runs this
+#   make check   verify that `import verl` registers the M2PO losses
+#   make bench   CPU benchmark of the policy losses (table + benchmarks/results/*.json)
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The CPU wheel of torch; set TORCH_PIP_ARGS (e.g. an extra index) where plain PyPI would
+# resolve torch to a CUDA build.
+TORCH_SPEC ?= torch==2.13.0
+TORCH_PIP_ARGS ?=
+PIP := $(PY) -m pip install --quiet --disable-pip-version-check
+
+.PHONY: test check bench install clean
+
+$(VENV)/.installed: pyproject.toml constraints-cpu.txt
+	rm -rf $(VENV)
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) --upgrade pip
+	$(PIP) $(TORCH_PIP_ARGS) "$(TORCH_SPEC)"
+	$(PIP) -c constraints-cpu.txt -e ".[test]"
+	touch $@
+
+install: $(VENV)/.installed
+
+test: $(VENV)/.installed
+	$(PY) -m m2po check
+	$(PY) -m pytest -q
+
+check: $(VENV)/.installed
+	$(PY) -m m2po check
+
+bench: $(VENV)/.installed
+	$(PY) benchmarks/bench_policy_loss.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis benchmarks/results
