@@ -89,3 +89,22 @@ def test_main_ppo_prints_the_composed_config_without_running():
     assert out.returncode == 0, out.stderr[-2000:]
     assert "_target_: m2po.verl_integration.config.M2POPolicyLossConfig" in out.stdout
     assert "m2_threshold: 0.02" in out.stdout and "loss_mode: m2po" in out.stdout
+
+
+def test_m2po_on_top_of_verls_own_config_with_plain_overrides():
+    """Users with their own verl config switch with three overrides (README)."""
+    from hydra import initialize_config_module
+
+    with initialize_config_module("verl.trainer.config", version_base=None):
+        cfg = compose(
+            config_name="ppo_trainer",
+            overrides=[
+                *REQUIRED,
+                "actor_rollout_ref.actor.policy_loss._target_=m2po.verl_integration.config.M2POPolicyLossConfig",
+                "actor_rollout_ref.actor.policy_loss.loss_mode=m2po",
+                "+actor_rollout_ref.actor.policy_loss.m2_threshold=0.02",
+            ],
+        )
+    policy_loss = _actor(cfg).policy_loss
+    assert isinstance(policy_loss, M2POPolicyLossConfig)
+    assert (policy_loss.loss_mode, policy_loss.m2_threshold, policy_loss.m2po_variant) == ("m2po", 0.02, "mask")
