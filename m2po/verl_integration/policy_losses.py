@@ -46,6 +46,17 @@ def _m2po_params(config: Any) -> tuple[float, str]:
     return threshold, variant
 
 
+def _algorithm_arguments(old_log_prob, log_prob, advantages, response_mask, rollout_is_weights) -> dict:
+    """verl's argument names mapped to `m2po.algorithm`'s."""
+    return {
+        "log_probs": log_prob,
+        "behaviour_log_probs": old_log_prob,
+        "advantages": advantages,
+        "response_mask": response_mask,
+        "importance_weights": rollout_is_weights,
+    }
+
+
 def _to_verl(
     out: TokenLosses, response_mask: torch.Tensor, loss_agg_mode: str, config: Any
 ) -> tuple[torch.Tensor, dict[str, float]]:
@@ -88,13 +99,9 @@ def compute_policy_loss_m2po(
     """
     threshold, variant = _m2po_params(config)
     out = m2po_token_losses(
-        log_probs=log_prob,
-        behaviour_log_probs=old_log_prob,
-        advantages=advantages,
-        response_mask=response_mask,
+        **_algorithm_arguments(old_log_prob, log_prob, advantages, response_mask, rollout_is_weights),
         m2_threshold=threshold,
         variant=variant,
-        importance_weights=rollout_is_weights,
     )
     return _to_verl(out, response_mask, loss_agg_mode, config)
 
@@ -115,10 +122,6 @@ def compute_policy_loss_no_trust_region(
     logging the same M2 statistics lets a run show the second moment that M2PO would constrain.
     """
     out = no_trust_region_token_losses(
-        log_probs=log_prob,
-        behaviour_log_probs=old_log_prob,
-        advantages=advantages,
-        response_mask=response_mask,
-        importance_weights=rollout_is_weights,
+        **_algorithm_arguments(old_log_prob, log_prob, advantages, response_mask, rollout_is_weights)
     )
     return _to_verl(out, response_mask, loss_agg_mode, config)
