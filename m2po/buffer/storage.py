@@ -1,0 +1,126 @@
+"""Compact, hashed, crash-safe storage of rollout batches (dicts of tensors) with safetensors.
+
+- Integer tensors are stored in the narrowest dtype that holds their values (token ids fit in
+  int32 or less) and restored to their original dtype: reading back is bit-identical.
+- `content_hash` identifies a batch by its fields, dtypes, shapes and bytes, independent of how
+  it is stored; it is what resume tests compare.
+- Files are written atomically: temporary name, fsync, rename, fsync of the directory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from typing import Mapping
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+Batch = Mapping[str, torch.Tensor]
+
+# Narrowest first; each is tried in order for integer tensors.
+_NARROW_INTS = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+
+
+class CorruptCheckpointError(RuntimeError):
+    """A saved buffer is incomplete or does not match its recorded hashes."""
+
+
+def content_hash(batch: Batch) -> str:
+    """sha256 over sorted field names, dtypes, shapes and raw bytes."""
+    digest = hashlib.sha256()
+    for name in sorted(batch):
+        tensor = batch[name].detach().cpu().contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
+
+
+def narrow(tensor: torch.Tensor) -> torch.Tensor:
+    """The same integer values in the smallest dtype that holds them (other dtypes unchanged)."""
+    if tensor.dtype not in _NARROW_INTS or tensor.numel() == 0:
+        return tensor
+    low, high = int(tensor.min()), int(tensor.max())
+    for dtype in _NARROW_INTS:
+        info = torch.iinfo(dtype)
+        if info.min <= low and high <= info.max:
+            return tensor.to(dtype)
+    return tensor
+
+
+def compact(batch: Batch) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(narrowed CPU tensors, original dtype name per field)."""
+    tensors, dtypes = {}, {}
+    for name, tensor in batch.items():
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(f"batch field {name!r} must be a tensor, got {type(tensor).__name__}")
+        tensor = tensor.detach().cpu().contiguous()
+        dtypes[name] = str(tensor.dtype).removeprefix("torch.")
+        tensors[name] = narrow(tensor)
+    return tensors, dtypes
+
+
+def restore(tensors: Mapping[str, torch.Tensor], dtypes: Mapping[str, str]) -> dict[str, torch.Tensor]:
+    return {name: tensor.to(getattr(torch, dtypes[name])) for name, tensor in tensors.items()}
+
+
+def nbytes(tensors: Mapping[str, torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: str, data: bytes) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(os.path.dirname(os.path.abspath(path)))
+
+
+def atomic_save_tensors(path: str, tensors: Mapping[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    save_file(dict(tensors), tmp, metadata=metadata)
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(os.path.dirname(os.path.abspath(path)))
+
+
+def load_tensors(path: str) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError, ValueError) as error:
+        raise CorruptCheckpointError(f"cannot read {path}: {error}") from error
+
+
+def read_json(path: str) -> dict:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError) as error:
+        raise CorruptCheckpointError(f"cannot read {path}: {error}") from error
+
+
+def replace_directory(tmp_dir: str, final_dir: str) -> None:
+    """Make `tmp_dir` (complete, fsynced) visible as `final_dir`, never leaving neither."""
+    fsync_dir(tmp_dir)
+    if os.path.exists(final_dir):
+        old = f"{final_dir}.old-{os.getpid()}"
+        os.replace(final_dir, old)
+        os.replace(tmp_dir, final_dir)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp_dir, final_dir)
+    fsync_dir(os.path.dirname(os.path.abspath(final_dir)))
