@@ -23,19 +23,18 @@ def make_batch(i: int, batch: int = 4, length: int = 6) -> dict[str, torch.Tenso
 
 
 def run(buffer: StaleRolloutBuffer, iterations: int, start: int = 0, updates: int = 0):
-    """The trainer loop of the module docstring; returns what each iteration trained on."""
+    """The trainer loop of the module docstring; returns what each iteration trained on.
+    Batch ids: iteration t generates batch t; paper warm-up batches get ids -1, -2, ..."""
     u = buffer.config.updates_per_iteration
     log = []
     for t in range(start, start + iterations):
         version = PolicyVersion(global_step=t, updates=updates)
+        for w in range(buffer.warmup_batches_needed()):
+            buffer.push(make_batch(-1 - w), version)
         buffer.push(make_batch(t), version)
         item = buffer.pop_ready(version)
         if item is not None:
-            assert int(item.batch["index"][0]) == item.version.global_step  # it is the batch of that step
-            log.append(("buffer", item.version.global_step, item.staleness_updates, item.content_hash))
-            updates += u
-        elif buffer.config.warmup == "base_policy":
-            log.append(("base", 0, updates, None))  # fresh rollouts of the base policy
+            log.append(("train", int(item.batch["index"][0]), item.staleness_updates, item.content_hash))
             updates += u
         else:
             log.append(("generate-only", None, None, None))
@@ -47,9 +46,10 @@ def test_paper_warmup_trains_every_batch_exactly_k_updates_later(k, u):
     buffer = StaleRolloutBuffer(StalenessConfig(k, u, "base_policy"))
     d = k // u
     log, _ = run(buffer, iterations=d + 10)
-    # Warm-up: base-policy rollouts, staleness t*u < k; afterwards batch t-d, exactly k.
-    assert log[:d] == [("base", 0, t * u, None) for t in range(d)]
-    assert [(src, step, stale) for src, step, stale, _ in log[d:]] == [("buffer", t - d, k) for t in range(d, d + 10)]
+    # Warm-up: the d base-policy batches (fresh prompts), staleness t*u < k, trained from the
+    # first iteration on; afterwards batch t-d, exactly k updates stale.
+    assert [(src, idx, stale) for src, idx, stale, _ in log[:d]] == [("train", -1 - t, t * u) for t in range(d)]
+    assert [(src, idx, stale) for src, idx, stale, _ in log[d:]] == [("train", t - d, k) for t in range(d, d + 10)]
     assert len(buffer) == d  # the d newest wait for their turn
 
 
@@ -59,9 +59,9 @@ def test_authors_warmup_generates_until_the_queue_is_full(k, u):
     d = k // u
     log, _ = run(buffer, iterations=3 * d + 5)
     assert log[:d] == [("generate-only", None, None, None)] * d
-    trained = [(step, stale) for src, step, stale, _ in log[d:]]
+    trained = [(idx, stale) for src, idx, stale, _ in log[d:]]
     # FIFO order; staleness ramps 0, u, ..., k-u over the base-policy batches, then exactly k.
-    assert [step for step, _ in trained] == list(range(len(trained)))
+    assert [idx for idx, _ in trained] == list(range(len(trained)))
     assert [stale for _, stale in trained] == [min(j * u, k) for j in range(len(trained))]
 
 
@@ -69,6 +69,8 @@ def test_version_tags_and_content_hashes_survive_the_queue():
     buffer = StaleRolloutBuffer(StalenessConfig(2, 1))
     buffer.push(make_batch(0), PolicyVersion(global_step=7, updates=10))
     buffer.push(make_batch(1), PolicyVersion(global_step=8, updates=11))
+    assert buffer.pop_ready(PolicyVersion(global_step=8, updates=11)) is None  # only d=2 waiting
+    buffer.push(make_batch(2), PolicyVersion(global_step=9, updates=12))
     item = buffer.pop_ready(PolicyVersion(global_step=9, updates=12))
     assert item.version == PolicyVersion(7, 10) and item.staleness_updates == 2
     assert item.content_hash == content_hash(make_batch(0))
@@ -136,10 +138,10 @@ def test_spills_beyond_the_ram_budget_and_reads_back_identically(tmp_path):
     log, updates = run(buffer, iterations=6)
     metrics = buffer.metrics()
     assert metrics["stale/ram_bytes"] <= budget
-    assert metrics["stale/spilled_entries"] == 4 and metrics["stale/disk_bytes"] > 0
-    assert len(os.listdir(tmp_path / "spill")) == 4
-    # The oldest stay in RAM (they are due first); spilled ones come back bit-identical.
-    assert [e.tensors is not None for e in buffer._queue] == [True, True, False, False, False, False]
+    assert metrics["stale/spilled_entries"] == len(buffer) - 2 > 0 and metrics["stale/disk_bytes"] > 0
+    assert len(os.listdir(tmp_path / "spill")) == len(buffer) - 2
+    # Spilling takes the newest (due last); spilled ones come back bit-identical (log below).
+    assert [e.tensors is not None for e in buffer._queue][-1] is False
     more, _ = run(buffer, iterations=10, start=6, updates=updates)
     ref_log, _ = run(reference, iterations=16)
     assert log + more == ref_log
@@ -147,10 +149,10 @@ def test_spills_beyond_the_ram_budget_and_reads_back_identically(tmp_path):
 
 
 def test_zero_budget_spills_everything(tmp_path):
-    buffer = StaleRolloutBuffer(StalenessConfig(2, 1), ram_budget_bytes=0, spill_dir=str(tmp_path))
-    log, _ = run(buffer, iterations=5)
+    buffer = StaleRolloutBuffer(StalenessConfig(2, 1, "fill_queue"), ram_budget_bytes=0, spill_dir=str(tmp_path))
+    log, _ = run(buffer, iterations=7)
     assert buffer.metrics()["stale/ram_bytes"] == 0
-    assert [stale for _, _, stale, _ in log] == [0, 1, 2, 2, 2]
+    assert [stale for _, _, stale, _ in log] == [None, None, 0, 1, 2, 2, 2]
 
 
 def test_budget_needs_a_spill_dir():

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 # "base_policy": the paper's warm-up. Until a batch that is exactly k updates old exists, train on
-#   rollouts of the base policy (fresh prompts each iteration).
+#   rollouts of the base policy (fresh prompts each iteration; generated at the first iteration).
 # "fill_queue": the authors' code. Generate without training until the queue holds k/u
 #   iterations of batches, then train on the FIFO (the first k/u trained batches come from the
 #   base policy with staleness 0, u, 2u, ...; exactly k from then on).

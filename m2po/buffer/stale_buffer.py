@@ -1,13 +1,20 @@
 """The staleness-aware rollout buffer: a FIFO that delays every batch by exactly k model updates.
 
-Plain PyTorch (no verl import), shared by verl's trainer integration and the CPU testbed. One
-training iteration does:
+Plain PyTorch (no verl import), shared by verl's trainer integration and the CPU testbed. With
+d = k / u (u = model updates per training iteration), one training iteration does:
 
+    for _ in range(buffer.warmup_batches_needed()):      # paper warm-up: first iteration only
+        buffer.push(rollouts_of_current_policy(fresh prompts), version)
     buffer.push(rollouts_of_current_policy, version)     # behaviour log-probs recorded now
     item = buffer.pop_ready(version)
-    if item is not None:           train on item.batch (generated item.staleness_updates ago)
-    elif warmup == "base_policy":  train on fresh rollouts of the base policy (paper warm-up)
-    else:                          ("fill_queue") generate only, no update this iteration
+    if item is not None:  train on item.batch (generated item.staleness_updates updates ago)
+    else:                 generate only, no update ("fill_queue" warm-up)
+
+The FIFO pops once more than d batches wait. "base_policy" (paper) puts d base-policy batches in
+front at the first iteration, so training starts at once on base-policy rollouts (staleness 0, u,
+..., k - u) and every later batch is exactly k updates stale; "fill_queue" (authors' code) has no
+extra batches and instead spends the first d iterations generating without training. Neither
+needs the base policy's weights after the first iteration.
 
 Entries are stored compactly (narrowed integers), spill to disk beyond a RAM budget (newest
 first, since they are needed last), and the whole buffer is saved with each checkpoint
@@ -127,8 +134,16 @@ class StaleRolloutBuffer:
         self._enforce_budget()
         return entry.content_hash
 
+    def warmup_batches_needed(self) -> int:
+        """Base-policy batches to push before the first regular one ("base_policy" warm-up): d on
+        the very first iteration, 0 otherwise and always 0 for "fill_queue"."""
+        if self.config.warmup == "base_policy" and self._next_id == 0:
+            return self.config.delay_iterations
+        return 0
+
     def pop_ready(self, current: PolicyVersion) -> ReadyBatch | None:
-        """The oldest batch if it is due for training at `current`, else None.
+        """The oldest batch if it is due for training at `current` (more than d batches wait),
+        else None.
 
         Raises:
             RuntimeError: the oldest batch is older than the configured staleness, i.e. the
@@ -145,11 +160,7 @@ class StaleRolloutBuffer:
                 f"stale buffer overshoot: the oldest batch was generated at {oldest.version}, "
                 f"{age} updates before {current}, but staleness is {k}; was a due batch not consumed?"
             )
-        if self.config.warmup == "base_policy":
-            due = age == k
-        else:
-            due = len(self._queue) > self.config.delay_iterations
-        if not due:
+        if len(self._queue) <= self.config.delay_iterations:
             return None
         self._queue.popleft()
         batch = self._materialise(oldest)
