@@ -1,4 +1,5 @@
 # One command per job; each creates .venv from scratch when it is missing or pyproject.toml changed.
+#   make main-job  the embedded CPU experiment (stale-data RL on a tiny model) -> outputs/testbed/
 #   make test    install everything (CPU) and run the whole test suite  <- CI runs this
 #   make check   verify that `import verl` registers the M2PO losses
 #   make bench   CPU benchmark of the policy losses (table + benchmarks/results/*.json)
@@ -11,7 +12,7 @@ TORCH_SPEC ?= torch==2.13.0
 TORCH_PIP_ARGS ?=
 PIP := $(PY) -m pip install --quiet --disable-pip-version-check
 
-.PHONY: test check bench install clean
+.PHONY: main-job test check bench install clean
 
 $(VENV)/.installed: pyproject.toml constraints-cpu.txt
 	rm -rf $(VENV)
@@ -26,6 +27,9 @@ install: $(VENV)/.installed
 test: $(VENV)/.installed
 	$(PY) -m m2po check
 	$(PY) -m pytest -q
+
+main-job: $(VENV)/.installed
+	$(PY) -m m2po.testbed
 
 check: $(VENV)/.installed
 	$(PY) -m m2po check

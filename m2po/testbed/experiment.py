@@ -1,0 +1,120 @@
+"""The embedded main job: base policy, then every (method, seed) run in parallel, then the report.
+
+    python -m m2po.testbed                 # default experiment (3 seeds, ~10 min on 2 cores)
+    python -m m2po.testbed --quick         # CI smoke preset (< 2 min)
+
+Re-running the same command resumes: finished runs are kept, interrupted ones continue from their
+last checkpoint, and the report is rebuilt.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import multiprocessing
+import os
+import shlex
+import sys
+import time
+
+from m2po.testbed.config import METHODS, TestbedConfig, preset
+
+DEFAULT_OUT = "outputs/testbed"
+
+
+def _run_worker(args):
+    config, method, seed, base_path, run_dir = args
+    import torch
+
+    torch.set_num_threads(1)  # one run per core
+    from m2po.testbed.rl import run
+
+    return run(config, method, seed, base_path, run_dir, progress=False)
+
+
+def run_experiment(config: TestbedConfig, out_dir: str, workers: int, command: str) -> str:
+    import torch
+
+    from m2po.testbed.rl import read_metrics
+    from m2po.testbed.report import write_report
+    from m2po.testbed.sft import base_policy, load_base
+
+    started = time.time()
+    os.makedirs(out_dir, exist_ok=True)
+    config_path = os.path.join(out_dir, "config.json")
+    if os.path.exists(config_path):
+        with open(config_path) as f:
+            if json.load(f) != json.loads(json.dumps(config.to_json())):
+                raise SystemExit(
+                    f"{out_dir} holds results of a different configuration; use another --out or delete it"
+                )
+    else:
+        with open(config_path, "w") as f:
+            json.dump(config.to_json(), f, indent=1)
+
+    torch.set_num_threads(max(1, workers))
+    print(f"[testbed] base policy (SFT warm-up, cached in {out_dir}/cache) ...", flush=True)
+    base_path = base_policy(config, os.path.join(out_dir, "cache"))
+    _, base_accuracy = load_base(base_path)
+    print(f"[testbed] base policy accuracy {base_accuracy:.3f}", flush=True)
+
+    jobs = [
+        (config, method, seed, base_path, os.path.join(out_dir, "runs", f"{method}-seed{seed}"))
+        for seed in config.seeds
+        for method in config.methods
+    ]
+    print(f"[testbed] {len(jobs)} runs, {workers} at a time", flush=True)
+    from tqdm import tqdm
+
+    with multiprocessing.get_context("spawn").Pool(workers) as pool:
+        for summary in tqdm(pool.imap_unordered(_run_worker, jobs), total=len(jobs), desc="runs"):
+            tqdm.write(f"[testbed] done: {summary['method']} seed {summary['seed']}")
+
+    runs = {method: {seed: read_metrics(os.path.join(out_dir, "runs", f"{method}-seed{seed}")) for seed in config.seeds}
+            for method in config.methods}
+    path = write_report(out_dir, base_accuracy, runs, config.to_json(), command, time.time() - started)
+    print(f"[testbed] report: {path}", flush=True)
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m m2po.testbed", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="CI smoke preset: 1 seed, 24 iterations (< 2 min)")
+    parser.add_argument("--out", default=None, help=f"results folder (default {DEFAULT_OUT}[-quick])")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="parallel runs (default: cores)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=None)
+    parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=None)
+    parser.add_argument("--iterations", type=int, default=None)
+    parser.add_argument("--staleness", type=int, default=None, help="k in model updates for the stale runs")
+    parser.add_argument("--lr", type=float, default=None)
+    parser.add_argument("--grad-clip", type=float, default=None)
+    parser.add_argument("--eval-every", type=int, default=None)
+    parser.add_argument("--eval-problems", type=int, default=None)
+    parser.add_argument("--checkpoint-every", type=int, default=None)
+    parser.add_argument("--sft-steps", type=int, default=None)
+    args = parser.parse_args(argv)
+
+    config = preset("quick" if args.quick else "default")
+    rl_changes = {k: v for k, v in {"iterations": args.iterations, "staleness_updates": args.staleness,
+                                     "lr": args.lr, "grad_clip": args.grad_clip, "eval_every": args.eval_every,
+                                     "eval_problems": args.eval_problems,
+                                     "checkpoint_every": args.checkpoint_every}.items() if v is not None}
+    try:
+        if args.sft_steps is not None:
+            config = dataclasses.replace(config, sft=dataclasses.replace(config.sft, steps=args.sft_steps))
+        if rl_changes:
+            config = dataclasses.replace(config, rl=dataclasses.replace(config.rl, **rl_changes))
+        if args.seeds:
+            config = dataclasses.replace(config, seeds=tuple(args.seeds))
+        if args.methods:
+            config = dataclasses.replace(config, methods=tuple(args.methods))
+    except ValueError as error:
+        parser.error(str(error))
+    if args.workers < 1:
+        parser.error("--workers must be >= 1")
+    out_dir = args.out or (DEFAULT_OUT + ("-quick" if args.quick else ""))
+    command = "python -m m2po.testbed " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    run_experiment(config, out_dir, args.workers, command.strip())
+    return 0

@@ -1,0 +1,212 @@
+"""One RL run of the testbed, mirroring verl's dataflow with the package's own code.
+
+Per iteration: sample prompts x samples with the current policy, recompute the behaviour
+log-probs with the training model (as verl's `old_log_prob`), score, GRPO advantages (verl's
+`compute_grpo_outcome_advantage`), push into the `StaleRolloutBuffer`, pop the batch that is due,
+and train on it in `mini_batches` optimizer updates through verl's registered policy losses
+(`vanilla`, `no_trust_region`, `m2po`) called with verl's signature.
+
+Crash safety: every `checkpoint_every` iterations the model, optimizer, RNG, stale buffer and
+progress are written atomically; the same command resumes from there and trains exactly the
+batches an uninterrupted run would have (their content hashes are in metrics.jsonl).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+from verl.trainer.ppo.core_algos import compute_grpo_outcome_advantage, get_policy_loss_fn
+from verl.workers.config import FSDPActorConfig
+
+import m2po.verl_integration  # noqa: F401  (registers m2po / no_trust_region, as `import verl` would)
+from m2po.buffer import PolicyVersion, StaleRolloutBuffer, StalenessConfig
+from m2po.buffer.storage import atomic_write_bytes, replace_directory
+from m2po.testbed.config import METHODS, TestbedConfig
+from m2po.testbed.model import response_log_probs, sample
+from m2po.testbed.sft import evaluate, load_base
+from m2po.verl_integration.config import M2POPolicyLossConfig
+
+CHECKPOINT = "checkpoint"
+METRICS = "metrics.jsonl"
+DONE = "done.json"
+CONSOLE_KEYS = ("accuracy", "rollout_reward", "stale/staleness_updates", "actor/pg_loss", "actor/pg_clipfrac",
+                "actor/m2po/m2_before", "grad_norm")
+
+
+def actor_config(config: TestbedConfig, loss_mode: str) -> FSDPActorConfig:
+    rl = config.rl
+    batch = rl.prompts_per_iteration * rl.samples_per_prompt
+    return FSDPActorConfig(
+        strategy="fsdp",
+        rollout_n=rl.samples_per_prompt,
+        ppo_mini_batch_size=batch // rl.mini_batches,
+        ppo_micro_batch_size_per_gpu=batch // rl.mini_batches,
+        clip_ratio=rl.clip_ratio,
+        clip_ratio_low=rl.clip_ratio,
+        clip_ratio_high=rl.clip_ratio,
+        loss_agg_mode="token-mean",
+        use_torch_compile=False,
+        policy_loss=M2POPolicyLossConfig(
+            loss_mode=loss_mode, m2_threshold=rl.m2_threshold, m2po_variant=rl.m2po_variant
+        ),
+    )
+
+
+@torch.no_grad()
+def generate_batch(model, config: TestbedConfig, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """Rollouts of the current policy with everything training needs (verl's field names)."""
+    task, rl = config.task, config.rl
+    operands = task.sample_operands(rl.prompts_per_iteration, generator)
+    operands = operands.repeat_interleave(rl.samples_per_prompt, dim=0)
+    prompts = task.encode_prompts(operands)
+    responses, response_mask = sample(model, prompts, task.response_len, generator)
+    old_log_probs = torch.where(response_mask, response_log_probs(model, prompts, responses), 0.0)
+    rewards = task.rewards(operands, responses, response_mask)
+    last = response_mask.sum(dim=1) - 1
+    token_rewards = torch.zeros(response_mask.shape).scatter_(1, last.unsqueeze(1), rewards.unsqueeze(1))
+    index = np.repeat(np.arange(rl.prompts_per_iteration), rl.samples_per_prompt)
+    advantages, _ = compute_grpo_outcome_advantage(token_rewards, response_mask, index)
+    return {
+        "prompts": prompts,
+        "responses": responses,
+        "response_mask": response_mask,
+        "old_log_probs": old_log_probs,
+        "advantages": advantages,
+        "rewards": rewards,
+    }
+
+
+def train_on(model, optimizer, batch, config: TestbedConfig, loss_fn, actor: FSDPActorConfig) -> dict[str, float]:
+    """`mini_batches` optimizer updates on one batch; returns metrics averaged over them."""
+    rl = config.rl
+    size = len(batch["prompts"]) // rl.mini_batches
+    collected: dict[str, list[float]] = {}
+    for start in range(0, len(batch["prompts"]), size):
+        mini = {name: tensor[start : start + size] for name, tensor in batch.items()}
+        mask = mini["response_mask"]
+        actor.global_batch_info.update(dp_size=1, batch_num_tokens=int(mask.sum()), global_batch_size=size)
+        log_probs = response_log_probs(model, mini["prompts"], mini["responses"])
+        loss, metrics = loss_fn(
+            old_log_prob=mini["old_log_probs"], log_prob=log_probs, advantages=mini["advantages"],
+            response_mask=mask, loss_agg_mode="token-mean", config=actor, rollout_is_weights=None,
+        )
+        optimizer.zero_grad()
+        loss.backward()
+        max_norm = rl.grad_clip if rl.grad_clip is not None else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+        optimizer.step()
+        metrics = dict(metrics, **{"actor/pg_loss": float(loss.detach()), "grad_norm": float(grad_norm)})
+        for key, value in metrics.items():
+            collected.setdefault(key, []).append(float(value))
+    return {key: float(np.mean(values)) for key, values in collected.items()}
+
+
+def _save_checkpoint(run_dir, model, optimizer, generator, buffer, iteration, updates):
+    final = os.path.join(run_dir, CHECKPOINT)
+    tmp = f"{final}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    save_file({k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}, os.path.join(tmp, "model.safetensors"))
+    torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
+    save_file({"generator": generator.get_state()}, os.path.join(tmp, "rng.safetensors"))
+    buffer.save(os.path.join(tmp, "stale_buffer"))
+    atomic_write_bytes(os.path.join(tmp, "progress.json"), json.dumps({"iteration": iteration, "updates": updates}).encode())
+    replace_directory(tmp, final)
+
+
+def _load_checkpoint(run_dir, model, optimizer, generator, buffer):
+    path = os.path.join(run_dir, CHECKPOINT)
+    if not os.path.isfile(os.path.join(path, "progress.json")):
+        return 0, 0
+    model.load_state_dict(load_file(os.path.join(path, "model.safetensors")))
+    optimizer.load_state_dict(torch.load(os.path.join(path, "optimizer.pt"), weights_only=True))
+    generator.set_state(load_file(os.path.join(path, "rng.safetensors"))["generator"])
+    buffer.load(os.path.join(path, "stale_buffer"))
+    with open(os.path.join(path, "progress.json")) as f:
+        progress = json.load(f)
+    return progress["iteration"], progress["updates"]
+
+
+def _truncate_metrics(path: str, iteration: int) -> None:
+    """Drop lines logged after the checkpoint we resume from (the crashed run's tail)."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        lines = [line for line in f if line.strip()]
+    kept = []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:  # a line cut by the crash
+            break
+        if record["iteration"] < iteration:
+            kept.append(line if line.endswith("\n") else line + "\n")
+    atomic_write_bytes(path, "".join(kept).encode())
+
+
+def run(config: TestbedConfig, method: str, seed: int, base_path: str, run_dir: str, progress: bool = True) -> dict:
+    """Train one (method, seed); resumable; returns the final summary (also in done.json)."""
+    done_path = os.path.join(run_dir, DONE)
+    if os.path.exists(done_path):
+        with open(done_path) as f:
+            return json.load(f)
+    os.makedirs(run_dir, exist_ok=True)
+    rl = config.rl
+    loss_mode, stale = METHODS[method]
+    staleness = StalenessConfig(rl.staleness_updates if stale else 0, rl.mini_batches, rl.warmup, key_prefix="rl")
+    buffer = StaleRolloutBuffer(staleness, required_fields=("old_log_probs",))
+    model, base_accuracy = load_base(base_path)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=rl.lr, betas=(0.9, 0.999), weight_decay=0.01)
+    generator = torch.Generator().manual_seed(1_000_003 * (seed + 1))
+    loss_fn = get_policy_loss_fn(loss_mode)
+    actor = actor_config(config, loss_mode)
+
+    start, updates = _load_checkpoint(run_dir, model, optimizer, generator, buffer)
+    metrics_path = os.path.join(run_dir, METRICS)
+    _truncate_metrics(metrics_path, start)
+    bar = tqdm(range(start, rl.iterations), desc=f"{method} seed {seed}", disable=not progress, leave=False,
+               initial=start, total=rl.iterations)
+    with open(metrics_path, "a") as log:
+        for iteration in bar:
+            version = PolicyVersion(global_step=iteration, updates=updates)
+            model.eval()
+            for _ in range(buffer.warmup_batches_needed()):
+                buffer.push(generate_batch(model, config, generator), version)
+            fresh = generate_batch(model, config, generator)
+            buffer.push(fresh, version)
+            record = {"iteration": iteration, "rollout_reward": float(fresh["rewards"].mean())}
+            item = buffer.pop_ready(version)
+            if item is not None:
+                model.train()
+                record.update(train_on(model, optimizer, item.batch, config, loss_fn, actor))
+                updates += rl.mini_batches
+                record["trained_hash"] = item.content_hash
+                record["trained_reward"] = float(item.batch["rewards"].mean())
+            record.update(buffer.metrics())
+            record["updates"] = updates
+            if (iteration + 1) % rl.eval_every == 0 or iteration + 1 == rl.iterations:
+                model.eval()
+                record["accuracy"] = evaluate(model, config.task, rl.eval_problems, seed=0)
+            log.write(json.dumps(record) + "\n")
+            if "accuracy" in record:
+                bar.write(f"[{method} s{seed}] step:{iteration + 1} - " + " - ".join(
+                    f"{k}:{record[k]:.4g}" for k in CONSOLE_KEYS if k in record))
+            if (iteration + 1) % rl.checkpoint_every == 0 and iteration + 1 < rl.iterations:
+                log.flush()
+                os.fsync(log.fileno())
+                _save_checkpoint(run_dir, model, optimizer, generator, buffer, iteration + 1, updates)
+    summary = {"method": method, "seed": seed, "base_accuracy": base_accuracy, "updates": updates}
+    atomic_write_bytes(done_path, json.dumps(summary).encode())
+    shutil.rmtree(os.path.join(run_dir, CHECKPOINT), ignore_errors=True)
+    return summary
+
+
+def read_metrics(run_dir: str) -> list[dict]:
+    with open(os.path.join(run_dir, METRICS)) as f:
+        return [json.loads(line) for line in f if line.strip()]
