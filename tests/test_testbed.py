@@ -56,8 +56,10 @@ def test_quick_main_job_produces_table_and_plots(tmp_path):
 
 
 def test_sigkill_then_same_command_resumes_to_the_uninterrupted_result(tmp_path):
-    clean = _testbed(tmp_path / "clean", *TINY)
+    clean = _testbed(tmp_path / "clean", *TINY, "--logger", "tensorboard")
     assert clean.wait(timeout=600) == 0, clean.stdout.read()[-3000:]
+    events = list((tmp_path / "clean" / "runs" / "m2po_stale-seed0" / "tensorboard").glob("events.out.tfevents.*"))
+    assert events and events[0].stat().st_size > 0  # verl's tensorboard tracker got the metrics too
 
     crashed = tmp_path / "crashed"
     proc = _testbed(crashed, *TINY)

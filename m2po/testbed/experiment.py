@@ -24,16 +24,16 @@ DEFAULT_OUT = "outputs/testbed"
 
 
 def _run_worker(args):
-    config, method, seed, base_path, run_dir = args
+    config, method, seed, base_path, run_dir, loggers = args
     import torch
 
     torch.set_num_threads(1)  # one run per core
     from m2po.testbed.rl import run
 
-    return run(config, method, seed, base_path, run_dir, progress=False)
+    return run(config, method, seed, base_path, run_dir, progress=False, loggers=loggers)
 
 
-def run_experiment(config: TestbedConfig, out_dir: str, workers: int, command: str) -> str:
+def run_experiment(config: TestbedConfig, out_dir: str, workers: int, command: str, loggers: tuple[str, ...] = ()) -> str:
     import torch
 
     from m2po.testbed.rl import read_metrics
@@ -60,20 +60,26 @@ def run_experiment(config: TestbedConfig, out_dir: str, workers: int, command: s
     print(f"[testbed] base policy accuracy {base_accuracy:.3f}", flush=True)
 
     jobs = [
-        (config, method, seed, base_path, os.path.join(out_dir, "runs", f"{method}-seed{seed}"))
+        (config, method, seed, base_path, os.path.join(out_dir, "runs", f"{method}-seed{seed}"), loggers)
         for seed in config.seeds
         for method in config.methods
     ]
-    print(f"[testbed] {len(jobs)} runs, {workers} at a time", flush=True)
+    already_done = sum(os.path.exists(os.path.join(job[4], "done.json")) for job in jobs)
+    print(f"[testbed] {len(jobs)} runs ({already_done} already done), {workers} at a time", flush=True)
     from tqdm import tqdm
 
     with multiprocessing.get_context("spawn").Pool(workers) as pool:
-        for summary in tqdm(pool.imap_unordered(_run_worker, jobs), total=len(jobs), desc="runs"):
+        for summary in tqdm(pool.imap_unordered(_run_worker, jobs), total=len(jobs), desc="runs", disable=None):
             tqdm.write(f"[testbed] done: {summary['method']} seed {summary['seed']}")
 
     runs = {method: {seed: read_metrics(os.path.join(out_dir, "runs", f"{method}-seed{seed}")) for seed in config.seeds}
             for method in config.methods}
-    path = write_report(out_dir, base_accuracy, runs, config.to_json(), command, time.time() - started)
+    elapsed = time.time() - started
+    summary_path = os.path.join(out_dir, "summary.json")
+    if already_done == len(jobs) and os.path.exists(summary_path):
+        with open(summary_path) as f:  # only the report is rebuilt: keep the measured time
+            elapsed = json.load(f).get("elapsed_s", elapsed)
+    path = write_report(out_dir, base_accuracy, runs, config.to_json(), command, elapsed)
     print(f"[testbed] report: {path}", flush=True)
     return path
 
@@ -94,6 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--eval-problems", type=int, default=None)
     parser.add_argument("--checkpoint-every", type=int, default=None)
     parser.add_argument("--sft-steps", type=int, default=None)
+    parser.add_argument("--logger", nargs="+", default=[], choices=["tensorboard", "wandb", "mlflow", "swanlab", "file"],
+                        help="also log through verl's trackers (tensorboard logs go to <out>/runs/<run>/tensorboard)")
     args = parser.parse_args(argv)
 
     config = preset("quick" if args.quick else "default")
@@ -116,5 +124,5 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--workers must be >= 1")
     out_dir = args.out or (DEFAULT_OUT + ("-quick" if args.quick else ""))
     command = "python -m m2po.testbed " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
-    run_experiment(config, out_dir, args.workers, command.strip())
+    run_experiment(config, out_dir, args.workers, command.strip(), tuple(args.logger))
     return 0

@@ -95,38 +95,25 @@ def write_report(out_dir: str, base_accuracy: float, runs: dict[str, dict[int, l
 
 
 def _plot_accuracy(out_dir, base_accuracy, runs):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for method, seeds in runs.items():
         curves = [curve(records) for records in seeds.values()]
         length = min(len(u) for u, _ in curves)
-        updates = curves[0][0][:length]
-        accuracies = np.stack([a[:length] for _, a in curves])
+        # Every curve starts from the shared base policy at update 0.
+        updates = np.concatenate([[0], curves[0][0][:length]])
+        accuracies = np.stack([np.concatenate([[base_accuracy], a[:length]]) for _, a in curves])
         colour = COLOURS[method]
         ax.plot(updates, accuracies.mean(axis=0), color=colour, label=LABELS[method], linewidth=2)
         if len(curves) > 1:
             ax.fill_between(updates, accuracies.min(axis=0), accuracies.max(axis=0), color=colour, alpha=0.15)
     ax.axhline(base_accuracy, color="black", linestyle=":", linewidth=1, label="base policy")
-    ax.set_xlabel("model updates")
-    ax.set_ylabel("held-out accuracy")
-    ax.set_title("Accuracy vs. model updates (mean; band = min-max over seeds)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(os.path.join(out_dir, "accuracy.png"), dpi=120)
-    plt.close(fig)
+    _finish(fig, ax, os.path.join(out_dir, "accuracy.png"), "held-out accuracy",
+            "Accuracy vs. model updates (mean; band = min-max over seeds)")
 
 
 def _plot_masked(out_dir, runs):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 3.6))
     for method, seeds in runs.items():
         if method == "no_tr_stale":
@@ -140,11 +127,25 @@ def _plot_masked(out_dir, runs):
         window = max(1, length // 30)
         smooth = np.convolve(values, np.ones(window) / window, mode="valid")
         ax.plot(series[0][0][window - 1 : length], smooth * 100, color=COLOURS[method], label=LABELS[method])
+    _finish(fig, ax, os.path.join(out_dir, "masked_fraction.png"), "clipped / masked tokens (%)",
+            "Fraction of tokens the trust region removes (GRPO: clipped, M2PO: masked)")
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _finish(fig, ax, path, ylabel, title):
     ax.set_xlabel("model updates")
-    ax.set_ylabel("clipped / masked tokens (%)")
-    ax.set_title("Fraction of tokens the trust region removes (GRPO: clipped, M2PO: masked)")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(os.path.join(out_dir, "masked_fraction.png"), dpi=120)
-    plt.close(fig)
+    fig.savefig(path, dpi=120)
+    _pyplot().close(fig)

@@ -150,8 +150,21 @@ def _truncate_metrics(path: str, iteration: int) -> None:
     atomic_write_bytes(path, "".join(kept).encode())
 
 
-def run(config: TestbedConfig, method: str, seed: int, base_path: str, run_dir: str, progress: bool = True) -> dict:
-    """Train one (method, seed); resumable; returns the final summary (also in done.json)."""
+def _tracker(loggers: tuple[str, ...], config: TestbedConfig, method: str, seed: int, run_dir: str):
+    """verl's own experiment trackers (tensorboard, wandb, ...), when asked for."""
+    if not loggers:
+        return None
+    from verl.utils.tracking import Tracking
+
+    os.environ["TENSORBOARD_DIR"] = os.path.join(run_dir, "tensorboard")
+    return Tracking(project_name="m2po-testbed", experiment_name=f"{method}-seed{seed}",
+                    default_backend=list(loggers), config=config.to_json())
+
+
+def run(config: TestbedConfig, method: str, seed: int, base_path: str, run_dir: str, progress: bool = True,
+        loggers: tuple[str, ...] = ()) -> dict:
+    """Train one (method, seed); resumable; returns the final summary (also in done.json).
+    `loggers`: extra verl tracker backends (e.g. "tensorboard", "wandb") besides metrics.jsonl."""
     done_path = os.path.join(run_dir, DONE)
     if os.path.exists(done_path):
         with open(done_path) as f:
@@ -170,7 +183,8 @@ def run(config: TestbedConfig, method: str, seed: int, base_path: str, run_dir: 
     start, updates = _load_checkpoint(run_dir, model, optimizer, generator, buffer)
     metrics_path = os.path.join(run_dir, METRICS)
     _truncate_metrics(metrics_path, start)
-    bar = tqdm(range(start, rl.iterations), desc=f"{method} seed {seed}", disable=not progress, leave=False,
+    tracker = _tracker(loggers, config, method, seed, run_dir)
+    bar = tqdm(range(start, rl.iterations), desc=f"{method} seed {seed}", disable=None if progress else True, leave=False,
                initial=start, total=rl.iterations)
     with open(metrics_path, "a") as log:
         for iteration in bar:
@@ -194,6 +208,8 @@ def run(config: TestbedConfig, method: str, seed: int, base_path: str, run_dir: 
                 model.eval()
                 record["accuracy"] = evaluate(model, config.task, rl.eval_problems, seed=0)
             log.write(json.dumps(record) + "\n")
+            if tracker is not None:
+                tracker.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=iteration)
             if "accuracy" in record:
                 bar.write(f"[{method} s{seed}] step:{iteration + 1} - " + " - ".join(
                     f"{k}:{record[k]:.4g}" for k in CONSOLE_KEYS if k in record))
@@ -201,6 +217,8 @@ def run(config: TestbedConfig, method: str, seed: int, base_path: str, run_dir: 
                 log.flush()
                 os.fsync(log.fileno())
                 _save_checkpoint(run_dir, model, optimizer, generator, buffer, iteration + 1, updates)
+    if tracker is not None:
+        tracker.finish()
     summary = {"method": method, "seed": seed, "base_accuracy": base_accuracy, "updates": updates}
     atomic_write_bytes(done_path, json.dumps(summary).encode())
     shutil.rmtree(os.path.join(run_dir, CHECKPOINT), ignore_errors=True)

@@ -46,7 +46,7 @@ def base_policy(config: TestbedConfig, cache_dir: str, progress: bool = True) ->
     optimizer = torch.optim.AdamW(model.parameters(), lr=sft.lr)
     generator = torch.Generator().manual_seed(config.base_seed)
     model.train()
-    for _ in tqdm(range(sft.steps), desc="SFT warm-up", disable=not progress, leave=False):
+    for _ in tqdm(range(sft.steps), desc="SFT warm-up", disable=None if progress else True, leave=False):
         operands = task.sample_operands(sft.batch_size, generator)
         answers, mask = _sft_targets(task, operands, sft.correct_fraction, generator)
         log_probs = response_log_probs(model, task.encode_prompts(operands), answers)
