@@ -9,7 +9,6 @@ import sys
 import pytest
 from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
-from omegaconf.errors import ConfigKeyError
 
 from m2po.selfcheck import config_dir
 from m2po.verl_integration.config import M2POPolicyLossConfig

@@ -36,15 +36,14 @@ from m2po.buffer.config import PolicyVersion, StalenessConfig
 from m2po.buffer.storage import (
     Batch,
     CorruptCheckpointError,
+    atomic_directory,
     atomic_save_tensors,
     atomic_write_bytes,
     compact,
     content_hash,
-    fsync_dir,
     load_tensors,
     nbytes,
     read_json,
-    replace_directory,
     restore,
 )
 
@@ -188,24 +187,26 @@ class StaleRolloutBuffer:
     def _enforce_budget(self) -> None:
         if self.ram_budget_bytes is None:
             return
+        ram_bytes = self._ram_bytes()
         # Newest first: they are consumed last, so they stay on disk longest.
         for entry in reversed(self._queue):
-            if self._ram_bytes() <= self.ram_budget_bytes:
+            if ram_bytes <= self.ram_budget_bytes:
                 break
             if entry.tensors is not None:
                 entry.spill_path = os.path.join(self.spill_dir, entry.file_name)
                 atomic_save_tensors(entry.spill_path, entry.tensors, metadata={})
                 entry.tensors = None
+                ram_bytes -= entry.nbytes
 
     def _materialise(self, entry: _Entry) -> dict[str, torch.Tensor]:
-        tensors = entry.tensors
-        if tensors is None:
-            tensors = load_tensors(entry.spill_path)
-            os.remove(entry.spill_path)
-        batch = restore(tensors, entry.dtypes)
+        if entry.tensors is not None:
+            return restore(entry.tensors, entry.dtypes)
+        batch = restore(load_tensors(entry.spill_path), entry.dtypes)
+        os.remove(entry.spill_path)
+        # Only what went through the disk is re-verified; in-memory entries never changed.
         if content_hash(batch) != entry.content_hash:
             raise CorruptCheckpointError(
-                f"stale buffer entry {entry.entry_id} ({entry.version}) changed in storage: content hash mismatch"
+                f"stale buffer entry {entry.entry_id} ({entry.version}) changed on disk: content hash mismatch"
             )
         return batch
 
@@ -213,40 +214,33 @@ class StaleRolloutBuffer:
 
     def save(self, directory: str) -> None:
         """Write the whole buffer to `directory` atomically (all or nothing)."""
-        parent = os.path.dirname(os.path.abspath(directory))
-        os.makedirs(parent, exist_ok=True)
-        for leftover in glob.glob(f"{glob.escape(directory)}.tmp-*"):  # from a save that crashed
-            shutil.rmtree(leftover, ignore_errors=True)
-        tmp_dir = f"{directory}.tmp-{os.getpid()}"
-        os.makedirs(tmp_dir)
-        entries = []
-        for entry in self._queue:
-            path = os.path.join(tmp_dir, entry.file_name)
-            if entry.tensors is not None:
-                atomic_save_tensors(path, entry.tensors, metadata={})
-            else:
-                shutil.copyfile(entry.spill_path, path)
-                with open(path, "rb+") as f:
-                    os.fsync(f.fileno())
-            entries.append(
-                {
-                    "id": entry.entry_id,
-                    "file": entry.file_name,
-                    "version": entry.version.to_json(),
-                    "content_hash": entry.content_hash,
-                    "dtypes": entry.dtypes,
-                }
-            )
-        manifest = {
-            "format": FORMAT_VERSION,
-            "config": self.config.to_json(),
-            "next_id": self._next_id,
-            "last_staleness": self._last_staleness,
-            "entries": entries,
-        }
-        atomic_write_bytes(os.path.join(tmp_dir, MANIFEST), json.dumps(manifest, indent=1).encode())
-        fsync_dir(tmp_dir)
-        replace_directory(tmp_dir, directory)
+        with atomic_directory(directory) as tmp_dir:
+            entries = []
+            for entry in self._queue:
+                path = os.path.join(tmp_dir, entry.file_name)
+                if entry.tensors is not None:
+                    atomic_save_tensors(path, entry.tensors, metadata={})
+                else:
+                    shutil.copyfile(entry.spill_path, path)
+                    with open(path, "rb+") as f:
+                        os.fsync(f.fileno())
+                entries.append(
+                    {
+                        "id": entry.entry_id,
+                        "file": entry.file_name,
+                        "version": entry.version.to_json(),
+                        "content_hash": entry.content_hash,
+                        "dtypes": entry.dtypes,
+                    }
+                )
+            manifest = {
+                "format": FORMAT_VERSION,
+                "config": self.config.to_json(),
+                "next_id": self._next_id,
+                "last_staleness": self._last_staleness,
+                "entries": entries,
+            }
+            atomic_write_bytes(os.path.join(tmp_dir, MANIFEST), json.dumps(manifest, indent=1).encode())
 
     def load(self, directory: str) -> None:
         """Replace this buffer's contents with a saved one, verifying every entry.

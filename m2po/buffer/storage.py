@@ -9,6 +9,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import glob
 import hashlib
 import json
 import os
@@ -17,7 +19,7 @@ from typing import Mapping
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 Batch = Mapping[str, torch.Tensor]
 
@@ -90,12 +92,7 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
 
 
 def atomic_save_tensors(path: str, tensors: Mapping[str, torch.Tensor], metadata: dict[str, str]) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    save_file(dict(tensors), tmp, metadata=metadata)
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(os.path.dirname(os.path.abspath(path)))
+    atomic_write_bytes(path, save(dict(tensors), metadata=metadata))
 
 
 def load_tensors(path: str) -> dict[str, torch.Tensor]:
@@ -113,8 +110,16 @@ def read_json(path: str) -> dict:
         raise CorruptCheckpointError(f"cannot read {path}: {error}") from error
 
 
-def replace_directory(tmp_dir: str, final_dir: str) -> None:
-    """Make `tmp_dir` (complete, fsynced) visible as `final_dir`, never leaving neither."""
+@contextlib.contextmanager
+def atomic_directory(final_dir: str):
+    """Yield a fresh temporary directory; on success it replaces `final_dir` as a whole (fsynced,
+    renamed), on error `final_dir` is left as it was. Leftovers of earlier crashed writes are removed."""
+    os.makedirs(os.path.dirname(os.path.abspath(final_dir)), exist_ok=True)
+    for leftover in glob.glob(f"{glob.escape(final_dir)}.tmp-*"):
+        shutil.rmtree(leftover, ignore_errors=True)
+    tmp_dir = f"{final_dir}.tmp-{os.getpid()}"
+    os.makedirs(tmp_dir)
+    yield tmp_dir
     fsync_dir(tmp_dir)
     if os.path.exists(final_dir):
         old = f"{final_dir}.old-{os.getpid()}"

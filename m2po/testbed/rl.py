@@ -26,7 +26,7 @@ from verl.workers.config import FSDPActorConfig
 
 import m2po.verl_integration  # noqa: F401  (registers m2po / no_trust_region, as `import verl` would)
 from m2po.buffer import PolicyVersion, StaleRolloutBuffer, StalenessConfig
-from m2po.buffer.storage import atomic_write_bytes, replace_directory
+from m2po.buffer.storage import atomic_directory, atomic_write_bytes
 from m2po.testbed.config import METHODS, TestbedConfig
 from m2po.testbed.model import response_log_probs, sample
 from m2po.testbed.sft import evaluate, load_base
@@ -108,16 +108,14 @@ def train_on(model, optimizer, batch, config: TestbedConfig, loss_fn, actor: FSD
 
 
 def _save_checkpoint(run_dir, model, optimizer, generator, buffer, iteration, updates):
-    final = os.path.join(run_dir, CHECKPOINT)
-    tmp = f"{final}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    save_file({k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}, os.path.join(tmp, "model.safetensors"))
-    torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
-    save_file({"generator": generator.get_state()}, os.path.join(tmp, "rng.safetensors"))
-    buffer.save(os.path.join(tmp, "stale_buffer"))
-    atomic_write_bytes(os.path.join(tmp, "progress.json"), json.dumps({"iteration": iteration, "updates": updates}).encode())
-    replace_directory(tmp, final)
+    with atomic_directory(os.path.join(run_dir, CHECKPOINT)) as tmp:
+        state = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}  # tied weights
+        save_file(state, os.path.join(tmp, "model.safetensors"))
+        torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
+        save_file({"generator": generator.get_state()}, os.path.join(tmp, "rng.safetensors"))
+        buffer.save(os.path.join(tmp, "stale_buffer"))
+        progress = json.dumps({"iteration": iteration, "updates": updates}).encode()
+        atomic_write_bytes(os.path.join(tmp, "progress.json"), progress)
 
 
 def _load_checkpoint(run_dir, model, optimizer, generator, buffer):

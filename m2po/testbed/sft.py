@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 
 import torch
 from tqdm import tqdm
 
-from m2po.buffer.storage import replace_directory
+from m2po.buffer.storage import atomic_directory
 from m2po.testbed.config import TestbedConfig
 from m2po.testbed.model import build_model, load_pretrained, response_log_probs, sample, save_pretrained
 
@@ -56,13 +55,10 @@ def base_policy(config: TestbedConfig, cache_dir: str, progress: bool = True) ->
         optimizer.step()
     model.eval()
     accuracy = evaluate(model, task, config.rl.eval_problems, seed=0)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_pretrained(model, tmp)
-    with open(os.path.join(tmp, "testbed_base.json"), "w") as f:
-        json.dump({"accuracy": accuracy, "config": config.to_json()}, f, indent=1)
-    os.makedirs(cache_dir, exist_ok=True)
-    replace_directory(tmp, path)
+    with atomic_directory(path) as tmp:
+        save_pretrained(model, tmp)
+        with open(os.path.join(tmp, "testbed_base.json"), "w") as f:
+            json.dump({"accuracy": accuracy, "config": config.to_json()}, f, indent=1)
     return path
 
 
