@@ -1,0 +1,31 @@
+# Shared launcher, sourced by every experiment script (one line each):
+#
+#   launch llm=<model> method=<loss> m2po.stale.staleness_updates=<k> "$@"
+#
+# All shared hyper-parameters live in configs/m2po_paper.yaml, per-model ones in configs/llm/,
+# per-loss ones in configs/method/. Arguments given to an experiment script:
+#   --dry-run        compose and validate the complete config on CPU (no GPU, model or data
+#                    needed), print it, run nothing
+#   anything else    a hydra override applied last, e.g. actor_rollout_ref.model.path=/ckpt/qwen
+#                    trainer.nnodes=2 trainer.n_gpus_per_node=8 data.train_files=...
+# PYTHON selects the interpreter (default: python); DATA_DIR the data folder (default: data).
+
+launch() {
+    local python=${PYTHON:-python}
+    local dry_run=0
+    local overrides=()
+    local arg
+    for arg in "$@"; do
+        case "$arg" in
+            --dry-run) dry_run=1 ;;
+            --*) echo "unknown option $arg (supported: --dry-run; everything else is a hydra override)" >&2; return 2 ;;
+            *) overrides+=("$arg") ;;
+        esac
+    done
+    if ((dry_run)); then
+        exec "$python" -m m2po.launch --config-name m2po_paper "${overrides[@]}"
+    fi
+    local config_dir
+    config_dir=$("$python" -m m2po config-dir)
+    exec "$python" -m verl.trainer.main_ppo --config-path "$config_dir" --config-name m2po_paper "${overrides[@]}"
+}
