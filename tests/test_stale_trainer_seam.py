@@ -167,6 +167,8 @@ def test_every_batch_is_trained_exactly_k_updates_after_generation(tmp_path, tra
     # warm-up batches (base policy, "step 0") are trained first, in order
     assert trained[1][0][0] == "s1p0" and trained[2][0][0] == "s2p0"
     assert trained[6][1]["stale/buffer_len"] == d
+    # reward of the batch the current policy just generated (seeds make it session % 2): 0.5
+    assert trained[3][1]["stale/fresh_score_mean"] == 0.5
     # nothing left in TransferQueue but the d queued batches' absence: all moved out
     assert transfer_queue.kv_list("train").get("train", {}) == {}
     # the ledger records every trained batch with its generating version
