@@ -35,6 +35,13 @@ def test_updates_per_iteration_counts_mini_batches_and_epochs():
         updates_per_iteration(cfg)
 
 
+def test_on_policy_accepts_what_only_stale_runs_cannot_use():
+    cfg = _cfg()
+    OmegaConf.update(cfg, "trainer.critic_warmup", 2, force_add=True)
+    OmegaConf.update(cfg, "algorithm.filter_groups.enable", True, force_add=True)
+    assert not stale_settings_from_config(cfg).enabled
+
+
 def test_settings_defaults_and_conversions():
     settings = stale_settings_from_config(_cfg(staleness_updates=256, ram_budget_gb=0.5))
     assert settings.staleness.delay_iterations == 32 and settings.enabled
@@ -48,9 +55,10 @@ def test_settings_defaults_and_conversions():
     [
         ({"staleness_updates": 12}, {}, "m2po.stale.staleness_updates=12 is not a multiple of the 8 model updates"),
         ({"ram_budget_gb": -1}, {}, "m2po.stale.ram_budget_gb must be > 0 or null"),
-        ({}, {"trainer.critic_warmup": 2}, "trainer.critic_warmup must be 0"),
-        ({}, {"algorithm.filter_groups.enable": True}, "filter_groups.enable=true"),
-        ({"behaviour_log_probs": "rollout"}, {"actor_rollout_ref.rollout.calculate_log_probs": False},
+        ({"staleness_updates": 8}, {"trainer.critic_warmup": 2}, "trainer.critic_warmup must be 0"),
+        ({"staleness_updates": 8}, {"algorithm.filter_groups.enable": True}, "filter_groups.enable=true"),
+        ({"staleness_updates": 8, "behaviour_log_probs": "rollout"},
+         {"actor_rollout_ref.rollout.calculate_log_probs": False},
          "needs actor_rollout_ref.rollout.calculate_log_probs=true"),
         ({"staleness_updates": 8}, {"trainer.use_v1": False}, "set trainer.use_v1=true"),
     ],

@@ -109,7 +109,7 @@ def _check_trainer(config: DictConfig, settings: StaleTrainerSettings) -> None:
             f"trainer.v1.trainer_mode={TRAINER_MODE} (got use_v1={use_v1}, trainer_mode={trainer_mode}); "
             f"configs/m2po_trainer.yaml sets both"
         )
-    if trainer_mode != TRAINER_MODE:
+    if not settings.enabled:  # staleness 0: verl's sync trainer, nothing else to check
         return
     if _get(config, "trainer.critic_warmup", 0):
         raise ValueError(
