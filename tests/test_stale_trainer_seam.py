@@ -257,3 +257,15 @@ def test_buffers_of_checkpoints_verl_removed_are_pruned(tmp_path, transfer_queue
     assert not (ckpt / "global_step_1" / "m2po_stale_buffer").exists()
     assert (ckpt / "global_step_2" / "m2po_stale_buffer").is_dir()
     assert json.loads((ckpt / "latest_checkpointed_iteration.txt").read_text()) == 2
+
+
+def test_ledger_survives_a_line_cut_by_a_crash(tmp_path):
+    from m2po.verl_integration.stale_trainer import append_ledger_record, read_ledger
+
+    path = str(tmp_path / "deep" / "ledger.jsonl")
+    append_ledger_record(path, {"global_step": 1, "content_hash": "a"})
+    with open(path, "a") as f:
+        f.write('{"global_step": 2, "conte')  # SIGKILL mid-write
+    append_ledger_record(path, {"global_step": 2, "content_hash": "b"})
+    assert read_ledger(path) == {1: {"global_step": 1, "content_hash": "a"}, 2: {"global_step": 2, "content_hash": "b"}}
+    assert open(path).read().splitlines()[1] == '{"global_step": 2, "conte'

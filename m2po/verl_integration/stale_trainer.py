@@ -188,10 +188,7 @@ class StaleSyncTrainer(PPOTrainerSync):
             "staleness_updates": ready.staleness_updates,
             "content_hash": ready.content_hash,
         }
-        os.makedirs(self.config.trainer.default_local_dir, exist_ok=True)
-        with open(os.path.join(self.config.trainer.default_local_dir, LEDGER_FILE), "a") as f:
-            f.write(json.dumps(record) + "\n")
-
+        append_ledger_record(os.path.join(self.config.trainer.default_local_dir, LEDGER_FILE), record)
 
 def fresh_score_mean(data, tags: list[dict]) -> float:
     """Mean sequence reward of the batch the current policy just generated (the trained batch's
@@ -202,12 +199,28 @@ def fresh_score_mean(data, tags: list[dict]) -> float:
     return sum(scores) / len(scores) if scores else float("nan")
 
 
+def append_ledger_record(path: str, record: dict) -> None:
+    """Append one JSON line. A line cut by a crash (no trailing newline) is closed first, so the
+    new record never merges into it."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    line = json.dumps(record).encode() + b"\n"
+    with open(path, "ab+") as f:  # appends go to the end whatever the read position
+        if f.seek(0, os.SEEK_END) > 0:
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) != b"\n":
+                line = b"\n" + line
+        f.write(line)
+
+
 def read_ledger(path: str) -> dict[int, dict]:
-    """The ledger as {global_step: record}; a step re-run after a resume keeps its last record."""
+    """The ledger as {global_step: record}; a step re-run after a resume keeps its last record,
+    and a line cut by a crash is skipped."""
     records: dict[int, dict] = {}
     with open(path) as f:
         for line in f:
-            if line.strip():
+            try:
                 record = json.loads(line)
-                records[record["global_step"]] = record
+            except json.JSONDecodeError:
+                continue  # blank, or cut by a crash mid-write
+            records[record["global_step"]] = record
     return records
