@@ -10,7 +10,7 @@ import os
 from dataclasses import dataclass
 
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from m2po.testbed.task import BOS, BOS_ID, EOS, EOS_ID, PAD, PAD_ID, RESPONSE_TOKEN_IDS, SYMBOLS
@@ -30,12 +30,23 @@ class ModelConfig:
             )
 
 
+def char_level_tokenizer(
+    symbols: list[str], unk_token: str, special_tokens: tuple[str, ...] = (), **token_kwargs
+) -> PreTrainedTokenizerFast:
+    """One token per character of `symbols`; `special_tokens` (which must be in `symbols`) are
+    matched whole before the split. `token_kwargs`: bos_token, eos_token, pad_token, ..."""
+    vocab = {symbol: i for i, symbol in enumerate(symbols)}
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token=unk_token))
+    core.pre_tokenizer = pre_tokenizers.Split(pattern="", behavior="isolated")
+    core.decoder = decoders.Fuse()  # decode joins characters without spaces
+    if special_tokens:
+        core.add_special_tokens([AddedToken(token, special=True, normalized=False) for token in special_tokens])
+    return PreTrainedTokenizerFast(tokenizer_object=core, **token_kwargs)
+
+
 def build_tokenizer() -> PreTrainedTokenizerFast:
     """Character-level tokenizer over the task's symbols."""
-    vocab = {symbol: i for i, symbol in enumerate(SYMBOLS)}
-    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token=PAD))
-    core.pre_tokenizer = pre_tokenizers.Split(pattern="", behavior="isolated")
-    return PreTrainedTokenizerFast(tokenizer_object=core, bos_token=BOS, eos_token=EOS, pad_token=PAD)
+    return char_level_tokenizer(SYMBOLS, unk_token=PAD, bos_token=BOS, eos_token=EOS, pad_token=PAD)
 
 
 def build_model(config: ModelConfig, seed: int) -> LlamaForCausalLM:

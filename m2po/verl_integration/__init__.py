@@ -9,6 +9,9 @@ up), so processes that never use verl's v1 trainer do not pay for importing it.
 
 import wrapt
 
+from m2po import cpu_backend
+from m2po.cpu_backend.config import register_resolvers as register_cpu_resolvers
+
 from m2po.verl_integration.config import M2POPolicyLossConfig
 from m2po.verl_integration.policy_losses import (
     METRIC_PREFIX,
@@ -18,6 +21,13 @@ from m2po.verl_integration.policy_losses import (
 from m2po.verl_integration.stale_settings import TRAINER_MODE
 
 LOSS_MODES = ("m2po", "no_trust_region")
+
+
+# The CPU backend's resolvers are always available (registering them changes nothing); the backend
+# itself is activated only when selected with VERL_PLATFORM=cpu.
+register_cpu_resolvers()
+if cpu_backend.is_selected():
+    cpu_backend.activate()
 
 
 @wrapt.when_imported("verl.trainer.ppo.v1")

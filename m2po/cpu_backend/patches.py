@@ -1,0 +1,128 @@
+"""The patches of verl 0.9.1 private details that the CPU backend needs, applied only when it is
+active (`VERL_PLATFORM=cpu`) and only on verl 0.9.1 (checked by `m2po.cpu_backend.activate`).
+
+Everything else goes through verl's extension points (platform, engine and rollout-replica
+registries, `BaseRollout`). `PATCHES` is the list the README prints; keep the two in step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+
+import torch
+
+PATCHES = (
+    (
+        "torch.distributed.init_process_group",
+        "verl asks for the backend 'cpu:gloo,<device>:<backend>', which is 'cpu:gloo,cpu:gloo' on CPU and "
+        "torch rejects; collapsed to 'gloo' (verl/utils/distributed.py:63,89).",
+    ),
+    (
+        "verl.workers.engine.fsdp.transformer_impl.CPUOffloadPolicy",
+        "the reference model's FSDP2 offload asks for pinned memory, which needs an accelerator; "
+        "pin_memory=False on CPU (transformer_impl.py:462).",
+    ),
+    (
+        "verl.utils.model.load_valuehead_model",
+        "the critic loader hard-codes attn_implementation='flash_attention_2'; 'sdpa' on CPU (utils/model.py:649,674).",
+    ),
+    (
+        "verl.workers.rollout.base._ROLLOUT_REGISTRY",
+        "the BaseRollout registry is a private dict; the 'hf' rollout adds its adapter there (rollout/base.py:89).",
+    ),
+)
+
+
+def _collapse_gloo_backend(backend):
+    """'cpu:gloo,cpu:gloo' -> 'gloo'; anything else unchanged."""
+    if isinstance(backend, str) and "," in backend:
+        parts = {part.split(":")[-1] for part in backend.split(",")}
+        if parts == {"gloo"}:
+            return "gloo"
+    return backend
+
+
+def _patch_init_process_group() -> None:
+    original = torch.distributed.init_process_group
+    if getattr(original, "_m2po_cpu_patch", False):
+        return
+
+    @functools.wraps(original)
+    def init_process_group(*args, **kwargs):
+        if "backend" in kwargs:
+            kwargs["backend"] = _collapse_gloo_backend(kwargs["backend"])
+        elif args:
+            args = (_collapse_gloo_backend(args[0]), *args[1:])
+        return original(*args, **kwargs)
+
+    init_process_group._m2po_cpu_patch = True
+    torch.distributed.init_process_group = init_process_group
+
+
+def _patch_offload_policy() -> None:
+    from verl.workers.engine.fsdp import transformer_impl
+
+    original = transformer_impl.CPUOffloadPolicy
+    if original is None or getattr(original, "_m2po_cpu_patch", False):
+        return
+
+    class UnpinnedCPUOffloadPolicy(original):
+        _m2po_cpu_patch = True
+
+        def __init__(self, pin_memory: bool = False):
+            super().__init__(pin_memory=False)
+
+    transformer_impl.CPUOffloadPolicy = UnpinnedCPUOffloadPolicy
+
+
+@contextlib.contextmanager
+def _sdpa_instead_of_flash_attention():
+    from transformers import PreTrainedModel
+
+    original = PreTrainedModel.__dict__["from_pretrained"]
+
+    def from_pretrained(cls, *args, **kwargs):
+        if kwargs.get("attn_implementation") == "flash_attention_2":
+            kwargs["attn_implementation"] = "sdpa"
+        return original.__func__(cls, *args, **kwargs)
+
+    PreTrainedModel.from_pretrained = classmethod(from_pretrained)
+    try:
+        yield
+    finally:
+        PreTrainedModel.from_pretrained = original
+
+
+def _patch_valuehead_loader() -> None:
+    import verl.utils.model as model_utils
+
+    original = model_utils.load_valuehead_model
+    if getattr(original, "_m2po_cpu_patch", False):
+        return
+
+    @functools.wraps(original)
+    def load_valuehead_model(*args, **kwargs):
+        with _sdpa_instead_of_flash_attention():
+            return original(*args, **kwargs)
+
+    load_valuehead_model._m2po_cpu_patch = True
+    model_utils.load_valuehead_model = load_valuehead_model
+
+
+def _register_engines() -> None:
+    """verl's own FSDP engines, registered for device "cpu" through the public registry."""
+    from verl.workers.engine.base import EngineRegistry
+    from verl.workers.engine.fsdp.transformer_impl import FSDPEngineWithLMHead, FSDPEngineWithValueHead
+
+    for model_type, engine in (("language_model", FSDPEngineWithLMHead), ("value_model", FSDPEngineWithValueHead)):
+        for backend in ("fsdp", "fsdp2"):
+            if "cpu" not in EngineRegistry._engines.get(model_type, {}).get(backend, {}):
+                EngineRegistry.register(model_type=model_type, backend=backend, device="cpu")(engine)
+
+
+def apply_patches() -> None:
+    _patch_init_process_group()
+    _patch_offload_policy()
+    _patch_valuehead_loader()
+    _register_engines()

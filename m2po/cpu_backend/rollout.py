@@ -1,0 +1,386 @@
+"""The `hf` rollout: verl's rollout interfaces served by a batched HF-transformers sampler on CPU.
+
+Three pieces, as for verl's vLLM backend:
+- `HFSamplingServer`, a Ray actor that owns an fp32 copy of the policy and answers verl's
+  token-in/token-out `generate` calls. Requests that arrive together are sampled together (one
+  forward pass per token for the whole batch, with a KV cache), not one at a time.
+- `HFReplica` (verl `RolloutReplica`): starts one server per replica.
+- `HFServerAdapter` (verl `BaseRollout`), living in each training worker: forwards weight updates
+  from the trainer to its replica's server through Ray's object store, and sleep/wake.
+
+Sampling is reproducible and independent of how requests happen to be batched: each request draws
+from its own generator, seeded by (rollout seed, weight version, prompt tokens, how many identical
+prompts this weight version has already sampled). A run resumed from a checkpoint therefore
+regenerates exactly what an uninterrupted run generates.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import os
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+SERVER_NAME_PREFIX = "m2po_hf_rollout_server_"
+# How long the server waits for concurrent requests to join a batch.
+BATCH_WINDOW_S = 0.02
+
+
+@dataclass
+class _Request:
+    prompt_ids: list[int]
+    max_tokens: int
+    temperature: float
+    top_k: int
+    top_p: float
+    want_log_probs: bool
+    seed: int
+    future: asyncio.Future = field(repr=False, default=None)
+
+
+def request_seed(base_seed: int, weight_version: int, prompt_ids: list[int], occurrence: int) -> int:
+    digest = hashlib.sha256(f"{base_seed}|{weight_version}|{occurrence}|{prompt_ids}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def _filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """`logits` (vocab,) with everything outside top-k / top-p set to -inf."""
+    if top_k is not None and 0 < top_k < logits.numel():
+        kth = torch.topk(logits, top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and 0 < top_p < 1:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        cumulative = torch.softmax(sorted_logits, dim=-1).cumsum(-1)
+        drop = cumulative - torch.softmax(sorted_logits, dim=-1) >= top_p
+        logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
+    return logits
+
+
+@torch.no_grad()
+def sample_batch(model, requests: list[_Request], eos_token_ids: set[int], pad_token_id: int):
+    """Sample every request in one batched decode. Returns [(token_ids, log_probs)] per request.
+
+    Prompts are left-padded; each row stops at its own EOS or `max_tokens`. The log-prob of a
+    sampled token is taken from `log_softmax(logits / temperature)` (greedy: temperature 1), the
+    distribution verl's actor recomputes.
+    """
+    from transformers import DynamicCache
+
+    batch = len(requests)
+    prompt_len = max(len(r.prompt_ids) for r in requests)
+    input_ids = torch.full((batch, prompt_len), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((batch, prompt_len), dtype=torch.long)
+    for row, request in enumerate(requests):
+        input_ids[row, prompt_len - len(request.prompt_ids) :] = torch.tensor(request.prompt_ids)
+        attention_mask[row, prompt_len - len(request.prompt_ids) :] = 1
+    generators = [torch.Generator().manual_seed(r.seed) for r in requests]
+    budgets = [r.max_tokens for r in requests]
+    outputs: list[list[int]] = [[] for _ in requests]
+    log_probs: list[list[float]] = [[] for _ in requests]
+    finished = [False] * batch
+    cache = DynamicCache()
+    step_ids = input_ids
+    for _ in range(max(budgets)):
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)[:, -step_ids.shape[1] :]
+        logits = model(
+            input_ids=step_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=cache,
+            use_cache=True,
+        ).logits[:, -1, :].float()
+        next_ids = torch.full((batch,), pad_token_id, dtype=torch.long)
+        for row, request in enumerate(requests):
+            if finished[row]:
+                continue
+            row_logits = logits[row]
+            if request.temperature > 0:
+                scaled = row_logits / request.temperature
+                filtered = _filter_logits(scaled, request.top_k, request.top_p)
+                uniform = torch.rand(filtered.shape, generator=generators[row]).clamp_(1e-12, 1 - 1e-12)
+                token = int(torch.argmax(filtered - torch.log(-torch.log(uniform))))
+            else:
+                scaled = row_logits
+                token = int(torch.argmax(scaled))
+            next_ids[row] = token
+            outputs[row].append(token)
+            if request.want_log_probs:
+                log_probs[row].append(float(torch.log_softmax(scaled, dim=-1)[token]))
+            if token in eos_token_ids or len(outputs[row]) >= budgets[row]:
+                finished[row] = True
+        if all(finished):
+            break
+        step_ids = next_ids[:, None]
+        attention_mask = torch.cat([attention_mask, torch.ones((batch, 1), dtype=torch.long)], dim=1)
+    return [(outputs[row], log_probs[row] if requests[row].want_log_probs else None) for row in range(batch)]
+
+
+class HFSamplingServer:
+    """Ray actor: a batched token-in/token-out sampler with verl's rollout-server methods."""
+
+    def __init__(self, config, model_config, replica_rank: int):
+        from transformers import AutoModelForCausalLM
+        from verl.utils.config import omega_conf_to_dataclass
+        from verl.workers.config import HFModelConfig
+
+        if not isinstance(model_config, HFModelConfig):
+            model_config = omega_conf_to_dataclass(model_config, dataclass_type=HFModelConfig)
+        torch.set_num_threads(max(1, int(os.environ.get("M2PO_CPU_ROLLOUT_THREADS", "1"))))
+        self.config = config
+        self.replica_rank = replica_rank
+        path = model_config.local_path
+        self.model = AutoModelForCausalLM.from_pretrained(
+            path, torch_dtype=torch.float32, attn_implementation="sdpa", local_files_only=True
+        ).eval()
+        tokenizer = model_config.tokenizer
+        eos = model_config.generation_config.eos_token_id if model_config.generation_config is not None else None
+        eos = eos if eos is not None else tokenizer.eos_token_id
+        self.eos_token_ids = set(eos if isinstance(eos, (list, tuple)) else [eos])
+        self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self.eos_token_ids)
+        self.max_model_len = config.max_model_len or (config.prompt_length + config.response_length)
+        self.weight_version = 0
+        self.global_steps: Optional[int] = None
+        self.awake = True
+        self._occurrences: dict[tuple, int] = defaultdict(int)
+        self._pending: list[_Request] = []
+        self._drainer: Optional[asyncio.Task] = None
+        self.batch_sizes: list[int] = []
+
+    # -- generation -----------------------------------------------------------------------------
+    async def generate(
+        self,
+        prompt_ids: list[int],
+        sampling_params: dict[str, Any],
+        request_id: str,
+        image_data=None,
+        video_data=None,
+        audio_data=None,
+        mm_processor_kwargs=None,
+        priority: int = 0,
+        **_unused,
+    ):
+        from verl.workers.rollout.replica import TokenOutput
+
+        if image_data is not None or video_data is not None or audio_data is not None:
+            raise NotImplementedError("the CPU 'hf' rollout serves text-only prompts")
+        if not self.awake:
+            raise RuntimeError("the 'hf' rollout server got a generate call while asleep (weights not synced)")
+        prompt_ids = [int(t) for t in prompt_ids]
+        room = self.max_model_len - len(prompt_ids)
+        if room < 1:
+            raise ValueError(f"prompt of {len(prompt_ids)} tokens leaves no room within max_model_len {self.max_model_len}")
+        params = dict(sampling_params)
+        max_tokens = params.pop("max_tokens", params.pop("max_new_tokens", None))
+        if max_tokens is None:
+            max_tokens = min(
+                self.config.response_length, self.config.prompt_length + self.config.response_length - len(prompt_ids)
+            )
+        temperature = float(params.get("temperature", 1.0))
+        key = (tuple(prompt_ids), temperature > 0)
+        occurrence = self._occurrences[key]
+        self._occurrences[key] += 1
+        request = _Request(
+            prompt_ids=prompt_ids,
+            max_tokens=max(1, min(int(max_tokens), room)),
+            temperature=temperature,
+            top_k=int(params.get("top_k", -1) or -1),
+            top_p=float(params.get("top_p", 1.0)),
+            want_log_probs=bool(params.get("logprobs", False)),
+            seed=request_seed(self.config.seed + self.replica_rank, self.weight_version, prompt_ids, occurrence),
+            future=asyncio.get_running_loop().create_future(),
+        )
+        self._pending.append(request)
+        if self._drainer is None or self._drainer.done():
+            self._drainer = asyncio.create_task(self._drain())
+        token_ids, log_probs = await request.future
+        return TokenOutput(
+            token_ids=token_ids,
+            log_probs=log_probs,
+            stop_reason="completed",
+            extra_fields={"global_steps": self.global_steps},
+        )
+
+    async def _drain(self):
+        while self._pending:
+            await asyncio.sleep(BATCH_WINDOW_S)
+            limit = max(1, self.config.max_num_seqs)
+            batch, self._pending = self._pending[:limit], self._pending[limit:]
+            try:
+                results = await asyncio.to_thread(sample_batch, self.model, batch, self.eos_token_ids, self.pad_token_id)
+            except Exception as error:  # every waiting request sees the failure
+                for request in batch:
+                    request.future.set_exception(error)
+                continue
+            self.batch_sizes.append(len(batch))
+            for request, result in zip(batch, results):
+                request.future.set_result(result)
+
+    # -- weights --------------------------------------------------------------------------------
+    def update_weights(self, state_dict: dict[str, torch.Tensor], global_steps: Optional[int] = None) -> str:
+        """Load the trainer's weights (HF names); every parameter of the server must be covered."""
+        own = self.model.state_dict()
+        unknown = sorted(set(state_dict) - set(own))
+        if unknown:
+            raise KeyError(f"weight update has names the rollout model lacks: {unknown[:5]}")
+        missing = sorted(
+            name for name in set(own) - set(state_dict) if not self._is_tied(name, state_dict)
+        )
+        if missing:
+            raise KeyError(f"weight update lacks parameters of the rollout model: {missing[:5]}")
+        with torch.no_grad():
+            for name, tensor in state_dict.items():
+                own[name].copy_(tensor.to(own[name].dtype))
+        self.weight_version += 1
+        self._occurrences.clear()
+        if global_steps is not None:
+            self.global_steps = global_steps
+        return self.weights_checksum()
+
+    def _is_tied(self, name: str, state_dict) -> bool:
+        return name == "lm_head.weight" and getattr(self.model.config, "tie_word_embeddings", False)
+
+    def weights_checksum(self) -> str:
+        digest = hashlib.sha256()
+        for name, tensor in sorted(self.model.state_dict().items()):
+            digest.update(name.encode())
+            digest.update(tensor.detach().contiguous().numpy().tobytes())
+        return digest.hexdigest()[:16]
+
+    def stats(self) -> dict:
+        return {"weight_version": self.weight_version, "batch_sizes": list(self.batch_sizes)}
+
+    # -- verl's server control methods: nothing to free on CPU ----------------------------------
+    async def wake_up(self, tags: list[str] | None = None):
+        self.awake = True
+
+    async def sleep(self):
+        self.awake = False
+
+    async def set_global_steps(self, global_steps: int):
+        self.global_steps = global_steps
+
+    async def clear_kv_cache(self):
+        return None
+
+    async def release_kv_cache(self):
+        return None
+
+    async def resume_kv_cache(self):
+        return None
+
+    async def wait_for_requests_to_drain(self):
+        while self._pending or (self._drainer is not None and not self._drainer.done()):
+            await asyncio.sleep(BATCH_WINDOW_S)
+
+    async def abort_all_requests(self, reset_prefix_cache: bool = True, reject_request: bool = False):
+        return {}
+
+    async def resume_generation(self):
+        return None
+
+    async def start_profile(self, **kwargs):
+        return None
+
+    async def stop_profile(self):
+        return None
+
+
+def _replica_class():
+    import ray
+    from verl.workers.rollout.replica import RolloutReplica
+
+    class HFReplica(RolloutReplica):
+        """One `HFSamplingServer` per replica, on the replica's node (single node only)."""
+
+        async def launch_servers(self):
+            if self.nnodes != 1:
+                raise ValueError(
+                    f"the CPU 'hf' rollout runs on one node; this replica spans {self.nnodes} "
+                    "(set actor_rollout_ref.rollout.tensor_model_parallel_size=1)"
+                )
+            name = f"{SERVER_NAME_PREFIX}{self.replica_rank}{self.name_suffix}"
+            server = (
+                ray.remote(HFSamplingServer)
+                .options(name=name, num_cpus=0, max_concurrency=self.max_concurrency)
+                .remote(config=self.config, model_config=self.model_config, replica_rank=self.replica_rank)
+            )
+            await server.stats.remote()  # surfaces a failed start here, with its traceback
+            self.servers = [server]
+            self._server_handle = server
+            self._server_address = name
+
+        async def sleep(self):
+            await self.servers[0].wait_for_requests_to_drain.remote()
+            await self.servers[0].sleep.remote()
+
+    return HFReplica
+
+
+def _adapter_class():
+    import ray
+    from verl.workers.rollout.base import BaseRollout
+
+    class HFServerAdapter(BaseRollout):
+        """In each training worker: sends the trainer's weights to this rank's replica server."""
+
+        def __init__(self, config, model_config, device_mesh, replica_rank: int = -1):
+            super().__init__(config, model_config, device_mesh)
+            rank = int(os.environ.get("RANK", "0"))
+            world = self.config.tensor_model_parallel_size * self.config.data_parallel_size
+            world *= self.config.pipeline_model_parallel_size
+            self.replica_rank = rank // world if replica_rank == -1 else replica_rank
+            self.owns_server = rank % world == 0
+            self.server = None
+            self.last_checksum: Optional[str] = None
+
+        def _server(self):
+            if self.server is None:
+                self.server = ray.get_actor(f"{SERVER_NAME_PREFIX}{self.replica_rank}")
+            return self.server
+
+        async def resume(self, tags: list[str]):
+            if self.owns_server and self.config.free_cache_engine:
+                await self._server().wake_up.remote(tags=tags)
+
+        async def release(self):
+            if self.owns_server and self.config.free_cache_engine:
+                await self._server().sleep.remote()
+
+        @torch.no_grad()
+        async def update_weights(self, weights, wire_format: str = "named_tensors", global_steps=None, **kwargs):
+            if wire_format != "named_tensors":
+                raise ValueError(f"the CPU 'hf' rollout takes full named tensors, not {wire_format!r}")
+            if kwargs.get("peft_config") is not None:
+                raise NotImplementedError("the CPU 'hf' rollout does not sync LoRA adapters (use model.lora.merge=True)")
+            # Every rank iterates: with FSDP the generator gathers full tensors collectively.
+            state_dict = {name: tensor.detach().to("cpu", copy=True) for name, tensor in weights}
+            if self.owns_server:
+                self.last_checksum = await self._server().update_weights.remote(ray.put(state_dict), global_steps)
+
+    return HFServerAdapter
+
+
+def __getattr__(name):
+    # verl's BaseRollout registry imports a class by dotted path; build it on first access.
+    if name == "HFServerAdapter":
+        cls = _adapter_class()
+        globals()[name] = cls
+        return cls
+    raise AttributeError(name)
+
+
+def register_rollout() -> None:
+    from verl.workers.rollout import base
+    from verl.workers.rollout.replica import RolloutReplicaRegistry
+
+    from m2po.cpu_backend import ROLLOUT_NAME
+
+    RolloutReplicaRegistry.register(ROLLOUT_NAME, _replica_class)
+    base._ROLLOUT_REGISTRY[(ROLLOUT_NAME, "async")] = f"{__name__}.HFServerAdapter"
