@@ -2,6 +2,7 @@
 #   make main-job  the embedded CPU experiment (stale-data RL on a tiny model) -> outputs/testbed/
 #   make test    install everything (CPU) and run the whole test suite  <- CI runs this
 #   make check   verify that `import verl` registers the M2PO losses
+#   make cpu-smoke  verl's real trainer on CPU: a few steps of the Qwen2.5-Math-7B M2PO s256 settings, tiny model
 #   make bench   CPU benchmark of the policy losses (table + benchmarks/results/*.json)
 PYTHON ?= python3
 VENV ?= .venv
@@ -12,7 +13,7 @@ TORCH_SPEC ?= torch==2.13.0
 TORCH_PIP_ARGS ?=
 PIP := $(PY) -m pip install --quiet --disable-pip-version-check
 
-.PHONY: main-job test check bench install clean
+.PHONY: main-job test check bench cpu-smoke install clean
 
 $(VENV)/.installed: pyproject.toml constraints-cpu.txt
 	rm -rf $(VENV)
@@ -33,6 +34,9 @@ main-job: $(VENV)/.installed
 
 check: $(VENV)/.installed
 	$(PY) -m m2po check
+
+cpu-smoke: $(VENV)/.installed
+	PYTHON=$(PY) bash train-scripts/qwen2.5-math-7b/m2po_s256.sh --cpu-smoke
 
 bench: $(VENV)/.installed
 	$(PY) benchmarks/bench_policy_loss.py

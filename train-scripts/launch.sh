@@ -6,22 +6,35 @@
 # per-loss ones in configs/method/. Arguments given to an experiment script:
 #   --dry-run        compose and validate the complete config on CPU (no GPU, model or data
 #                    needed), print it, run nothing
+#   --cpu-smoke      run this experiment's algorithm settings (loss, staleness, warm-up, updates
+#                    per step) for a few real steps of verl's main_ppo on CPU, with a tiny model
+#                    and task built offline (VERL_PLATFORM=cpu, overlay +cpu=tiny); with --dry-run,
+#                    print that config instead
 #   anything else    a hydra override applied last, e.g. actor_rollout_ref.model.path=/ckpt/qwen
 #                    trainer.nnodes=2 trainer.n_gpus_per_node=8 data.train_files=...
 # PYTHON selects the interpreter (default: python); DATA_DIR the data folder (default: data).
 
 launch() {
     local python=${PYTHON:-python}
-    local dry_run=0
+    local dry_run=0 cpu_smoke=0
     local overrides=()
     local arg
     for arg in "$@"; do
         case "$arg" in
             --dry-run) dry_run=1 ;;
-            --*) echo "unknown option $arg (supported: --dry-run; everything else is a hydra override)" >&2; return 2 ;;
+            --cpu-smoke) cpu_smoke=1 ;;
+            --*) echo "unknown option $arg (supported: --dry-run, --cpu-smoke; everything else is a hydra override)" >&2; return 2 ;;
             *) overrides+=("$arg") ;;
         esac
     done
+    if ((cpu_smoke)); then
+        # The smoke settings go first so that every override given to the script still wins.
+        local smoke
+        smoke=$("$python" -m m2po.cpu_backend.smoke --config-name m2po_paper "${overrides[@]}") || return 2
+        mapfile -t smoke <<<"$smoke"
+        overrides=("${smoke[@]}" "${overrides[@]}")
+        export VERL_PLATFORM=cpu
+    fi
     if ((dry_run)); then
         exec "$python" -m m2po.launch --config-name m2po_paper "${overrides[@]}"
     fi

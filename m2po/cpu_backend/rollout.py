@@ -241,7 +241,10 @@ class HFSamplingServer:
         self._occurrences.clear()
         if global_steps is not None:
             self.global_steps = global_steps
-        return self.weights_checksum()
+        checksum = self.weights_checksum()
+        # One line per sync, so a log shows that trained weights reach the rollout.
+        print(f"[m2po cpu rollout] replica {self.replica_rank} weights v{self.weight_version} checksum {checksum}", flush=True)
+        return checksum
 
     def _is_tied(self, name: str, state_dict) -> bool:
         return name == "lm_head.weight" and getattr(self.model.config, "tie_word_embeddings", False)

@@ -18,11 +18,13 @@ hash) for auditing runs and resumes.
 from __future__ import annotations
 
 import glob
+import hashlib
 import json
 import logging
 import os
 import shutil
 
+import torch
 import transfer_queue as tq
 from tqdm import tqdm
 from transfer_queue import KVBatchMeta
@@ -89,8 +91,9 @@ class StaleSyncTrainer(PPOTrainerSync):
                 f"the warm-up did not run (was the buffer checkpoint removed?)"
             )
         metrics.update(self.stale_buffer.metrics())
-        self._append_ledger(ready)
-        return self._unstash(ready, extra_info=batch.extra_info, metrics=metrics)
+        keys, tags, samples = decode_batch(ready.batch)
+        self._append_ledger(ready, samples)
+        return self._unstash(keys, tags, samples, extra_info=batch.extra_info, metrics=metrics)
 
     def _record_behaviour_log_probs(self, batch: KVBatchMeta, metrics: dict) -> KVBatchMeta:
         if self.stale.behaviour_log_probs == "actor":
@@ -108,8 +111,7 @@ class StaleSyncTrainer(PPOTrainerSync):
         tq.kv_clear(keys=batch.keys, partition_id=batch.partition_id)
         return data
 
-    def _unstash(self, ready: ReadyBatch, extra_info: dict, metrics: dict) -> KVBatchMeta:
-        keys, tags, samples = decode_batch(ready.batch)
+    def _unstash(self, keys: list, tags: list, samples: list[dict], extra_info: dict, metrics: dict) -> KVBatchMeta:
         stored = tq.kv_batch_put(keys=keys, partition_id="train", fields=list_of_dict_to_tensordict(samples), tags=tags)
         batch = KVBatchMeta(keys=keys, tags=tags, partition_id="train", fields=stored.fields, extra_info=extra_info)
         # Re-balance for the current data-parallel layout (a resume may change it).
@@ -181,12 +183,13 @@ class StaleSyncTrainer(PPOTrainerSync):
 
     # ------------------------------------------------------------------ ledger
 
-    def _append_ledger(self, ready: ReadyBatch) -> None:
+    def _append_ledger(self, ready: ReadyBatch, samples: list[dict]) -> None:
         record = {
             "global_step": self.global_steps,
             "generated_at": ready.version.to_json(),
             "staleness_updates": ready.staleness_updates,
             "content_hash": ready.content_hash,
+            "samples_hash": samples_hash(samples),
         }
         append_ledger_record(os.path.join(self.config.trainer.default_local_dir, LEDGER_FILE), record)
 
@@ -197,6 +200,25 @@ def fresh_score_mean(data, tags: list[dict]) -> float:
         return float("nan")
     scores = [s.sum().item() for s, tag in zip(data["rm_scores"].unbind(), tags, strict=True) if not tag.get("is_padding")]
     return sum(scores) / len(scores) if scores else float("nan")
+
+
+SAMPLE_HASH_FIELDS = ("input_ids", "response_mask", "rm_scores")
+
+
+def samples_hash(samples: list[dict]) -> str:
+    """Hash of what was trained, in batch order: each sample's tokens, response mask and reward.
+
+    Unlike `content_hash` (every stored field, for integrity), it leaves out verl's per-run
+    bookkeeping (prompt-group uuids, timings, request ids), so two runs that trained the same
+    samples in the same order have the same `samples_hash`."""
+    digest = hashlib.sha256()
+    for sample in samples:
+        for field in SAMPLE_HASH_FIELDS:
+            value = sample.get(field)
+            if isinstance(value, torch.Tensor):
+                digest.update(field.encode())
+                digest.update(value.detach().to("cpu", torch.float64).contiguous().numpy().tobytes())
+    return digest.hexdigest()
 
 
 def append_ledger_record(path: str, record: dict) -> None:

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Qwen2.5-Math-7B, 8xH100 trainer + 8xH100 rollout | M2PO | verl's separate_async trainer, up to 64 versions (256 updates) stale
-# usage: bash $0 [--dry-run] [hydra overrides]    (see train-scripts/launch.sh)
+# usage: bash $0 [--dry-run] [--cpu-smoke] [hydra overrides]    (see train-scripts/launch.sh)
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/../launch.sh"
 launch llm=qwen2.5-math-7b method=m2po +async=separate "$@"

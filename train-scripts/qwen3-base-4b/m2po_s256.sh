@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Qwen3-Base-4B, 8xH100 | M2PO (tau 0.04) | staleness 256 updates
-# usage: bash $0 [--dry-run] [hydra overrides]    (see train-scripts/launch.sh)
+# usage: bash $0 [--dry-run] [--cpu-smoke] [hydra overrides]    (see train-scripts/launch.sh)
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/../launch.sh"
 launch llm=qwen3-base-4b method=m2po m2po.stale.staleness_updates=256 "$@"

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Qwen2.5-Math-7B, 8xH100 | M2PO (tau 0.04) | staleness 32 updates (sweep)
-# usage: bash $0 [--dry-run] [hydra overrides]    (see train-scripts/launch.sh)
+# usage: bash $0 [--dry-run] [--cpu-smoke] [hydra overrides]    (see train-scripts/launch.sh)
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/../launch.sh"
 launch llm=qwen2.5-math-7b method=m2po m2po.stale.staleness_updates=32 "$@"

@@ -1,0 +1,143 @@
+"""Helpers for the end-to-end tests that run verl's real `main_ppo` on the CPU backend."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+from m2po.selfcheck import config_dir
+
+CHECKSUM_LINE = re.compile(r"\[m2po cpu rollout\] replica (\d+) weights v(\d+) checksum ([0-9a-f]+)")
+
+
+@dataclass
+class Run:
+    returncode: int
+    log: str
+    metrics: list[dict]  # the file logger's records: {"step": n, "data": {...}}
+    output_dir: str
+
+    def by_step(self) -> dict[int, dict]:
+        return {record["step"]: record["data"] for record in self.metrics}
+
+    def rollout_checksums(self) -> list[str]:
+        return [match.group(3) for match in CHECKSUM_LINE.finditer(self.log)]
+
+    def tail(self, lines: int = 60) -> str:
+        return "\n".join(self.log.splitlines()[-lines:])
+
+
+def main_ppo_command(overrides: list[str], config_name: str = "m2po_trainer") -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "verl.trainer.main_ppo",
+        "--config-path",
+        config_dir(),
+        "--config-name",
+        config_name,
+        "+cpu=tiny",
+        *overrides,
+    ]
+
+
+def cpu_env(cache_dir: str, metrics_file: str) -> dict:
+    env = dict(os.environ)
+    env.update(
+        VERL_PLATFORM="cpu",
+        M2PO_CACHE=cache_dir,
+        VERL_FILE_LOGGER_PATH=metrics_file,
+        RAY_DEDUP_LOGS="0",
+        PYTHONUNBUFFERED="1",
+    )
+    env.pop("RAY_ADDRESS", None)
+    return env
+
+
+def _read_metrics(path: str) -> list[dict]:
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def run_main_ppo(
+    workdir: str,
+    name: str,
+    overrides: list[str],
+    cache_dir: str,
+    timeout_s: int = 480,
+    kill_when=None,
+    config_name: str = "m2po_trainer",
+) -> Run:
+    """Run verl's main_ppo on CPU in `workdir`; outputs under `<workdir>/<name>`.
+
+    `kill_when(output_dir)`: polled every second; when it returns True the whole process group is
+    SIGKILLed (a crash: no cleanup, no final save).
+    """
+    output_dir = os.path.join(workdir, name)
+    os.makedirs(output_dir, exist_ok=True)
+    metrics_file = os.path.join(output_dir, f"metrics-{len(os.listdir(output_dir))}.jsonl")
+    log_path = metrics_file.replace(".jsonl", ".log")
+    command = main_ppo_command(
+        [
+            f"trainer.default_local_dir={output_dir}",
+            f"trainer.experiment_name={name}",
+            "trainer.logger=[console,file]",
+            *overrides,
+        ],
+        config_name=config_name,
+    )
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(
+            command,
+            cwd=workdir,
+            env=cpu_env(cache_dir, metrics_file),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + timeout_s
+        try:
+            while process.poll() is None:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"main_ppo {name} ran past {timeout_s} s; log: {log_path}")
+                if kill_when is not None and kill_when(output_dir):
+                    os.killpg(process.pid, signal.SIGKILL)
+                    process.wait()
+                    break
+                time.sleep(1)
+        finally:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+    _kill_session(process.pid)
+    with open(log_path, errors="replace") as f:
+        log_text = f.read()
+    return Run(process.returncode, log_text, _read_metrics(metrics_file), output_dir)
+
+
+def _session_members(session_id: int) -> list[int]:
+    out = subprocess.run(["ps", "-eo", "pid=,sid="], capture_output=True, text=True, check=True).stdout
+    return [int(pid) for pid, sid in (line.split() for line in out.splitlines()) if int(sid) == session_id]
+
+
+def _kill_session(session_id: int) -> None:
+    """Every process the run started (its Ray cluster included) shares its session: a SIGKILLed driver
+    leaves Ray's processes behind, and a finished one may leave stragglers; none may outlive the run."""
+    for _ in range(20):
+        members = [pid for pid in _session_members(session_id) if pid != os.getpid()]
+        if not members:
+            return
+        for pid in members:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.5)

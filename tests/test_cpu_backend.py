@@ -1,0 +1,259 @@
+"""The CPU backend's pieces, without starting verl's trainer (that is tests/test_cpu_e2e.py):
+inert unless selected, the pinned patches, the batched sampler, the tiny model, the start-up
+checks and every training script's CPU smoke config."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from m2po.cpu_backend import tiny
+from m2po.cpu_backend.config import cpu_config_errors
+from m2po.cpu_backend.patches import _collapse_gloo_backend
+from m2po.cpu_backend.rollout import _Request, request_seed, sample_batch
+from m2po.cpu_backend.smoke import smoke_overrides
+from m2po.launch import compose_config, main as launch_main
+from tests.test_train_scripts import EXPERIMENT_SCRIPTS, SCRIPTS_DIR, _python_call
+
+REGISTRY_PROBE = """
+import json, torch
+import verl
+from verl.plugin.platform.platform_manager import PlatformRegistry, get_platform
+from verl.workers.engine.base import EngineRegistry
+from verl.workers.engine.fsdp import transformer_impl
+from verl.workers.rollout import base
+from verl.workers.rollout.replica import RolloutReplicaRegistry
+print(json.dumps({
+    "platforms": sorted(PlatformRegistry.registered_names()),
+    "replicas": sorted(RolloutReplicaRegistry._registry),
+    "rollouts": sorted(name for name, _ in base._ROLLOUT_REGISTRY),
+    "cpu_engines": sorted(b for b, keys in EngineRegistry._engines["language_model"].items() if "cpu" in keys),
+    "init_process_group_patched": hasattr(torch.distributed.init_process_group, "_m2po_cpu_patch"),
+    "offload_policy": transformer_impl.CPUOffloadPolicy.__name__,
+    "device": get_platform().device_name,
+}))
+"""
+
+
+def _probe(**env_changes) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "VERL_PLATFORM"}
+    env.update(env_changes)
+    out = subprocess.run([sys.executable, "-c", REGISTRY_PROBE], capture_output=True, text=True, env=env, cwd="/", timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_unselected_backend_leaves_verl_unchanged():
+    state = _probe()
+    assert "cpu" not in state["platforms"]
+    assert "hf" not in state["replicas"] and "hf" not in state["rollouts"]
+    assert state["cpu_engines"] == []
+    assert not state["init_process_group_patched"] and state["offload_policy"] == "CPUOffloadPolicy"
+    assert state["device"] == "cuda"  # verl's own fallback on a machine without accelerators
+
+
+def test_selected_backend_registers_platform_engines_rollout_and_patches():
+    state = _probe(VERL_PLATFORM="cpu")
+    assert "cpu" in state["platforms"] and state["device"] == "cpu"
+    assert "hf" in state["replicas"] and "hf" in state["rollouts"]
+    assert state["cpu_engines"] == ["fsdp", "fsdp2"]
+    assert state["init_process_group_patched"] and state["offload_policy"] == "UnpinnedCPUOffloadPolicy"
+
+
+def test_other_verl_versions_are_refused_by_name(monkeypatch):
+    import verl
+
+    from m2po.cpu_backend import check_verl_version
+
+    monkeypatch.setattr(verl, "__version__", "0.10.0")
+    with pytest.raises(RuntimeError, match=r"refuses verl 0\.10\.0: install verl==0\.9\.1"):
+        check_verl_version()
+
+
+@pytest.mark.parametrize(
+    ("backend", "expected"),
+    [("cpu:gloo,cpu:gloo", "gloo"), ("cpu:gloo,cuda:nccl", "cpu:gloo,cuda:nccl"), ("gloo", "gloo"), (None, None)],
+)
+def test_only_an_all_gloo_backend_string_is_collapsed(backend, expected):
+    assert _collapse_gloo_backend(backend) == expected
+
+
+# --------------------------------------------------------------------------- tiny model and sampler
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    os.environ["M2PO_CACHE"] = str(tmp_path_factory.mktemp("m2po-cache"))
+    return tiny.ensure_built()
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tiny_dir):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(os.path.join(tiny_dir, "model"), attn_implementation="sdpa").eval()
+
+
+def test_tiny_tokenizer_is_character_level_chatml(tiny_dir):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(os.path.join(tiny_dir, "model"))
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "3+4="}], add_generation_prompt=True, tokenize=False)
+    assert text == "<|im_start|>user\n3+4=<|im_end|>\n<|im_start|>assistant\n"
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert len(ids) == 23 and tokenizer.decode(ids) == text
+    assert len(tokenizer.encode("\n", add_special_tokens=False)) == 1  # verl's Qwen/ChatML builder needs this
+    assert tokenizer.eos_token == "<|im_end|>" and tokenizer.pad_token == "<|endoftext|>"
+
+
+def test_tiny_dataset_rows_are_verl_rows_with_single_digit_answers(tiny_dir):
+    import pandas as pd
+
+    from m2po.cpu_backend.smoke_reward import compute_score
+
+    rows = pd.read_parquet(os.path.join(tiny_dir, "train.parquet")).to_dict(orient="records")
+    assert len(rows) == tiny.TRAIN_ROWS
+    for row in rows:
+        a, b = row["prompt"][0]["content"].rstrip("=").split("+")
+        assert row["reward_model"]["ground_truth"] == str(int(a) + int(b)) and int(a) + int(b) <= 9
+    assert compute_score(tiny.DATA_SOURCE, "so 7.", "7") == 1.0 and compute_score(tiny.DATA_SOURCE, "8", "7") == 0.0
+
+
+def _requests(prompts, seeds, temperature=1.0, max_tokens=6, top_k=-1, top_p=1.0):
+    return [
+        _Request(p, max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, want_log_probs=True, seed=s)
+        for p, s in zip(prompts, seeds)
+    ]
+
+
+PROMPTS = [[1, 10, 20, 2], [1, 11, 12, 13, 14, 15, 2], [1, 30, 2], [1, 10, 20, 2]]
+
+
+@settings(max_examples=10, deadline=None)
+@given(st.lists(st.integers(0, 2**31), min_size=4, max_size=4), st.sampled_from([0.0, 0.7, 1.0]))
+def test_batched_sampling_equals_sampling_each_request_alone(tiny_model, seeds, temperature):
+    eos = {2}
+    together = sample_batch(tiny_model, _requests(PROMPTS, seeds, temperature), eos, pad_token_id=0)
+    alone = [sample_batch(tiny_model, _requests([p], [s], temperature), eos, 0)[0] for p, s in zip(PROMPTS, seeds)]
+    for (ids_b, lps_b), (ids_a, lps_a) in zip(together, alone):
+        assert ids_b == ids_a
+        assert torch.allclose(torch.tensor(lps_b), torch.tensor(lps_a), atol=1e-5)
+
+
+def test_sampled_log_probs_are_the_models_at_the_temperature(tiny_model):
+    temperature = 0.7
+    (ids, log_probs), = sample_batch(tiny_model, _requests([PROMPTS[1]], [5], temperature, max_tokens=8), {-1}, 0)
+    assert len(ids) == 8  # no EOS in the set: the length budget stops it
+    sequence = torch.tensor([PROMPTS[1] + ids])
+    with torch.no_grad():
+        logits = tiny_model(sequence).logits[0, len(PROMPTS[1]) - 1 : -1] / temperature
+    expected = torch.log_softmax(logits, -1).gather(-1, torch.tensor(ids)[:, None]).squeeze(-1)
+    assert torch.allclose(torch.tensor(log_probs), expected, atol=1e-5)
+
+
+def test_sampling_stops_at_eos_and_top_k_1_is_greedy(tiny_model):
+    greedy, = sample_batch(tiny_model, _requests([PROMPTS[0]], [1], temperature=0.0, max_tokens=10), set(), 0)
+    top1, = sample_batch(tiny_model, _requests([PROMPTS[0]], [2], temperature=1.0, max_tokens=10, top_k=1), set(), 0)
+    assert greedy[0] == top1[0]
+    stop = greedy[0][3]
+    (ids, _), = sample_batch(tiny_model, _requests([PROMPTS[0]], [1], temperature=0.0, max_tokens=10), {stop}, 0)
+    assert ids == greedy[0][: greedy[0].index(stop) + 1]
+
+
+def test_request_seeds_separate_versions_prompts_and_repeats():
+    seeds = {request_seed(42, v, p, k) for v in (0, 1) for p in ([1, 2], [1, 3]) for k in (0, 1)}
+    assert len(seeds) == 8 and request_seed(42, 0, [1, 2], 0) == request_seed(42, 0, [1, 2], 0)
+
+
+# --------------------------------------------------------------------------- config checks and scripts
+
+
+def _cpu_config(*overrides):
+    return compose_config("m2po_trainer", ["+cpu=tiny", *overrides])
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("actor_rollout_ref.rollout.name=vllm", "rollout.name='vllm' does not run on CPU"),
+        ("actor_rollout_ref.rollout.name=sglang", "the CPU backend's rollout is 'hf'"),
+        ("trainer.nnodes=2", "trainer.nnodes=2: the CPU backend runs on one machine"),
+        ("actor_rollout_ref.model.lora_rank=8", "LoRA weight sync to the rollout is not supported on CPU"),
+        ("trainer.v1.trainer_mode=separate_async", "asynchronous trainers are not supported on CPU"),
+        ("actor_rollout_ref.actor.strategy=fsdp", "only fsdp2 works"),
+        ("actor_rollout_ref.rollout.tensor_model_parallel_size=2", "tensor_model_parallel_size=2"),
+        ("actor_rollout_ref.model.override_config.attn_implementation=flash_attention_2", "use sdpa"),
+    ],
+)
+def test_unsupported_combinations_are_named(override, message, monkeypatch):
+    monkeypatch.setenv("VERL_PLATFORM", "cpu")
+    errors = cpu_config_errors(_cpu_config(override))
+    assert len(errors) == 1 and message in errors[0], errors
+
+
+def test_overlay_alone_is_supported_and_asks_for_the_selector(monkeypatch):
+    monkeypatch.setenv("VERL_PLATFORM", "cpu")
+    assert cpu_config_errors(_cpu_config()) == []
+    monkeypatch.delenv("VERL_PLATFORM")
+    errors = cpu_config_errors(_cpu_config())
+    assert len(errors) == 1 and "set VERL_PLATFORM=cpu" in errors[0]
+    # and it is what verl's driver hits first: reading trainer.device
+    with pytest.raises(Exception, match="set VERL_PLATFORM=cpu"):
+        _cpu_config().trainer.device
+
+
+def _script_overrides(script, tmp_path):
+    return _python_call(script, "--dry-run", tmp_path=tmp_path)[4:]
+
+
+@pytest.mark.parametrize("script", EXPERIMENT_SCRIPTS)
+def test_every_script_has_a_cpu_smoke_config(script, tmp_path, tiny_dir, monkeypatch, capsys):
+    """The smoke settings keep the script's algorithm (loss, k, warm-up, u, n) and pass every check
+    verl and m2po run at start-up; asynchronous scripts are refused by name."""
+    monkeypatch.setenv("VERL_PLATFORM", "cpu")
+    overrides = _script_overrides(script, tmp_path)
+    original = compose_config("m2po_paper", overrides)
+    smoke = compose_config("m2po_paper", [*smoke_overrides(original), *overrides])
+    code = launch_main(["--quiet", *smoke_overrides(original), *overrides])
+    err = capsys.readouterr().err
+    if script.startswith("async/"):
+        assert code == 2 and "asynchronous trainers are not supported on CPU" in err
+        return
+    assert code == 0, err
+
+    def updates_per_step(c):
+        return c.data.train_batch_size // c.actor_rollout_ref.actor.ppo_mini_batch_size * c.actor_rollout_ref.actor.ppo_epochs
+
+    for key in (
+        "actor_rollout_ref.actor.policy_loss",
+        "m2po.stale",
+        "algorithm.adv_estimator",
+        "actor_rollout_ref.rollout.n",
+        "actor_rollout_ref.actor.ppo_epochs",
+        "actor_rollout_ref.actor.loss_agg_mode",
+    ):
+        from omegaconf import OmegaConf
+
+        assert OmegaConf.select(smoke, key) == OmegaConf.select(original, key), key
+    assert updates_per_step(smoke) == updates_per_step(original)
+    assert smoke.data.train_batch_size < original.data.train_batch_size
+    assert smoke.actor_rollout_ref.rollout.name == "hf" and smoke.trainer.n_gpus_per_node == 1
+
+
+def test_cpu_smoke_dry_run_through_the_script(tmp_path):
+    result = subprocess.run(
+        ["bash", os.path.join(SCRIPTS_DIR, "qwen2.5-math-7b/m2po_s256.sh"), "--cpu-smoke", "--dry-run",
+         "trainer.total_training_steps=5"],
+        env={**os.environ, "PYTHON": sys.executable, "M2PO_CACHE": str(tmp_path)},
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "dry run OK: qwen2.5-math-7b-m2po-s256-cpu-smoke (loss_mode=m2po, staleness=256 updates" in result.stderr
+    assert "total_training_steps: 5" in result.stdout and "name: hf" in result.stdout
