@@ -190,6 +190,8 @@ def _cpu_config(*overrides):
         ("actor_rollout_ref.actor.strategy=fsdp", "only fsdp2 works"),
         ("actor_rollout_ref.rollout.tensor_model_parallel_size=2", "tensor_model_parallel_size=2"),
         ("actor_rollout_ref.model.override_config.attn_implementation=flash_attention_2", "use sdpa"),
+        ("ray_kwargs.ray_init.num_cpus=4", "num_cpus=4 is too few logical CPUs for Ray to place this run (needs at least 6"),
+        ("ray_kwargs.ray_init.num_gpus=0", "num_gpus=0 logical slots for 1 training workers"),
     ],
 )
 def test_unsupported_combinations_are_named(override, message, monkeypatch):

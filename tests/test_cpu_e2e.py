@@ -89,12 +89,11 @@ def _raw_ledger(output_dir) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def test_sigkill_and_resume_trains_the_checkpointed_batches(uninterrupted_stale_run, tmp_path, tiny_cache):
-    """Checkpoint at step 2, SIGKILL during step 3, resume: the queued batches come back bit-identical
-    and are trained at the steps an uninterrupted run trains them; no step lost or repeated.
-
-    (Content hashes are compared with the checkpointed buffer, not with another run: a batch's
-    hash covers verl's per-run fields too, e.g. the uuid of each prompt group and timings.)"""
+def test_sigkill_and_resume_trains_what_an_uninterrupted_run_trains(uninterrupted_stale_run, tmp_path, tiny_cache):
+    """Checkpoint at step 2, SIGKILL during step 3, resume: every step trains the same samples as an
+    uninterrupted run (`samples_hash`); the queued batches come back bit-identical (`content_hash`,
+    which also covers verl's per-run uuids and timings, so it is compared with the checkpointed
+    buffer rather than with the other run); no step lost or repeated."""
     assert_ok(uninterrupted_stale_run)
     reference = read_ledger(os.path.join(uninterrupted_stale_run.output_dir, LEDGER_FILE))
 
@@ -123,7 +122,7 @@ def test_sigkill_and_resume_trains_the_checkpointed_batches(uninterrupted_stale_
     assert sorted(ledger) == sorted(reference)
     assert len({record["content_hash"] for record in ledger.values()}) == STALE_STEPS  # nothing trained twice
     for step in sorted(reference):
-        for key in ("generated_at", "staleness_updates"):
+        for key in ("samples_hash", "generated_at", "staleness_updates"):
             assert ledger[step][key] == reference[step][key], (step, key)
 
 

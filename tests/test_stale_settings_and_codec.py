@@ -125,3 +125,26 @@ def test_import_verl_registers_the_stale_trainer_lazily():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip().endswith("m2po.verl_integration.stale_trainer")
+
+
+def test_samples_hash_is_the_set_of_trained_samples():
+    import torch
+
+    from m2po.verl_integration.stale_trainer import samples_hash
+
+    def sample(tokens, reward, uid):
+        return {
+            "input_ids": torch.tensor(tokens),
+            "response_mask": torch.ones(len(tokens) - 1, dtype=torch.int64),
+            "rm_scores": torch.tensor([0.0] * (len(tokens) - 2) + [reward]),
+            "uid": uid,  # verl's per-run group id: not part of what was trained
+            "metrics": {"generate_sequences": 0.1 * uid},
+        }
+
+    batch = [sample([1, 2, 3], 1.0, 0), sample([1, 2, 4], 0.0, 1), sample([5, 6, 7, 8], 0.0, 2)]
+    reference = samples_hash(batch)
+    assert samples_hash(batch[::-1]) == reference  # row order is verl's completion order
+    assert samples_hash([sample([1, 2, 3], 1.0, 7), batch[1], batch[2]]) == reference
+    assert samples_hash([sample([1, 2, 3], 0.0, 0), batch[1], batch[2]]) != reference  # reward
+    assert samples_hash([sample([1, 2, 9], 1.0, 0), batch[1], batch[2]]) != reference  # tokens
+    assert samples_hash(batch[:2]) != reference and samples_hash([batch[0], *batch]) != reference

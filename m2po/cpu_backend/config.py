@@ -66,6 +66,35 @@ def cpu_config_errors(config) -> list[str]:
         attention = _get(config, key, "flash_attention_2")
         if attention not in ("sdpa", "eager"):
             errors.append(f"{key}={attention!r}: flash attention needs a GPU; use sdpa")
+    errors += _ray_capacity_errors(config)
+    return errors
+
+
+# verl reserves this many Ray CPUs per training worker (ResourcePoolManager's max_colocate_count).
+CPUS_PER_TRAINING_WORKER = 3
+
+
+def _ray_capacity_errors(config) -> list[str]:
+    """Ray waits forever for resources it will never have (verl's placement groups have no
+    timeout), so a cluster too small for the run is refused here, naming what is missing."""
+    workers = _get(config, "trainer.n_gpus_per_node", 1)  # one node (checked above)
+    slots = _get(config, "ray_kwargs.ray_init.num_gpus")
+    errors = []
+    if slots is not None and slots < workers:
+        errors.append(
+            f"ray_kwargs.ray_init.num_gpus={slots} logical slots for {workers} training workers "
+            f"(trainer.n_gpus_per_node): Ray would wait for them forever"
+        )
+    cpus = _get(config, "ray_kwargs.ray_init.num_cpus")
+    storage_units = _get(config, "transfer_queue.backend.SimpleStorage.num_data_storage_units", 1)
+    # training workers' placement groups + TransferQueue's controller and storage units + the TaskRunner
+    needed = CPUS_PER_TRAINING_WORKER * workers + 1 + storage_units + 1
+    if cpus is not None and cpus < needed:
+        errors.append(
+            f"ray_kwargs.ray_init.num_cpus={cpus} is too few logical CPUs for Ray to place this run "
+            f"(needs at least {needed}: {CPUS_PER_TRAINING_WORKER} per training worker, TransferQueue's controller "
+            f"and {storage_units} storage unit(s), the TaskRunner); logical CPUs may exceed physical cores"
+        )
     return errors
 
 

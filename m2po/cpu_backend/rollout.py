@@ -9,9 +9,10 @@ Three pieces, as for verl's vLLM backend:
   from the trainer to its replica's server through Ray's object store, and sleep/wake.
 
 Sampling is reproducible and independent of how requests happen to be batched: each request draws
-from its own generator, seeded by (rollout seed, weight version, prompt tokens, how many identical
-prompts this weight version has already sampled). A run resumed from a checkpoint therefore
-regenerates exactly what an uninterrupted run generates.
+from its own generator, seeded by (rollout seed, training step of the weights, prompt tokens, how
+many identical prompts were already sampled at that step). The training step is the one verl passes
+with each weight update, so a run resumed from a checkpoint generates the same samples as an
+uninterrupted run (tested end to end), although its server has seen fewer weight syncs.
 """
 
 from __future__ import annotations
@@ -45,8 +46,8 @@ class _Request:
     future: asyncio.Future = field(repr=False, default=None)
 
 
-def request_seed(base_seed: int, weight_version: int, prompt_ids: list[int], occurrence: int) -> int:
-    digest = hashlib.sha256(f"{base_seed}|{weight_version}|{occurrence}|{prompt_ids}".encode()).digest()
+def request_seed(base_seed: int, weights_step, prompt_ids: list[int], occurrence: int) -> int:
+    digest = hashlib.sha256(f"{base_seed}|{weights_step}|{occurrence}|{prompt_ids}".encode()).digest()
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
@@ -145,8 +146,8 @@ class HFSamplingServer:
         self.eos_token_ids = set(eos if isinstance(eos, (list, tuple)) else [eos])
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self.eos_token_ids)
         self.max_model_len = config.max_model_len or (config.prompt_length + config.response_length)
-        self.weight_version = 0
-        self.global_steps: Optional[int] = None
+        self.weight_version = 0  # weight syncs received
+        self.global_steps: Optional[int] = None  # verl's training step of the current weights
         self.awake = True
         self._occurrences: dict[tuple, int] = defaultdict(int)
         self._pending: list[_Request] = []
@@ -193,7 +194,7 @@ class HFSamplingServer:
             top_k=int(params.get("top_k", -1) or -1),
             top_p=float(params.get("top_p", 1.0)),
             want_log_probs=bool(params.get("logprobs", False)),
-            seed=request_seed(self.config.seed + self.replica_rank, self.weight_version, prompt_ids, occurrence),
+            seed=request_seed(self.config.seed + self.replica_rank, self._weights_step(), prompt_ids, occurrence),
             future=asyncio.get_running_loop().create_future(),
         )
         self._pending.append(request)
@@ -237,14 +238,20 @@ class HFSamplingServer:
         with torch.no_grad():
             for name, tensor in state_dict.items():
                 own[name].copy_(tensor.to(own[name].dtype))
+        before = self._weights_step()
         self.weight_version += 1
-        self._occurrences.clear()
         if global_steps is not None:
             self.global_steps = global_steps
+        if self._weights_step() != before:
+            self._occurrences.clear()
         checksum = self.weights_checksum()
         # One line per sync, so a log shows that trained weights reach the rollout.
         print(f"[m2po cpu rollout] replica {self.replica_rank} weights v{self.weight_version} checksum {checksum}", flush=True)
         return checksum
+
+    def _weights_step(self):
+        """What seeds sampling: verl's training step if it sent one, else the count of syncs."""
+        return ("step", self.global_steps) if self.global_steps is not None else ("sync", self.weight_version)
 
     def _is_tied(self, name: str, state_dict) -> bool:
         return name == "lm_head.weight" and getattr(self.model.config, "tie_word_embeddings", False)
@@ -267,6 +274,8 @@ class HFSamplingServer:
         self.awake = False
 
     async def set_global_steps(self, global_steps: int):
+        if ("step", global_steps) != self._weights_step():
+            self._occurrences.clear()
         self.global_steps = global_steps
 
     async def clear_kv_cache(self):

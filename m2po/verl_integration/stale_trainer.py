@@ -206,19 +206,22 @@ SAMPLE_HASH_FIELDS = ("input_ids", "response_mask", "rm_scores")
 
 
 def samples_hash(samples: list[dict]) -> str:
-    """Hash of what was trained, in batch order: each sample's tokens, response mask and reward.
+    """Hash of what was trained: the set of samples, each its tokens, response mask and reward.
 
-    Unlike `content_hash` (every stored field, for integrity), it leaves out verl's per-run
-    bookkeeping (prompt-group uuids, timings, request ids), so two runs that trained the same
-    samples in the same order have the same `samples_hash`."""
-    digest = hashlib.sha256()
+    Unlike `content_hash` (every stored field, in storage order, for integrity), it leaves out
+    verl's per-run bookkeeping (prompt-group uuids, timings, request ids) and the row order, which
+    in verl's v1 trainer is the order in which rollouts finished. Two runs that trained the same
+    samples at a step have the same `samples_hash` there."""
+    per_sample = []
     for sample in samples:
+        digest = hashlib.sha256()
         for field in SAMPLE_HASH_FIELDS:
             value = sample.get(field)
             if isinstance(value, torch.Tensor):
                 digest.update(field.encode())
                 digest.update(value.detach().to("cpu", torch.float64).contiguous().numpy().tobytes())
-    return digest.hexdigest()
+        per_sample.append(digest.hexdigest())
+    return hashlib.sha256("\n".join(sorted(per_sample)).encode()).hexdigest()
 
 
 def append_ledger_record(path: str, record: dict) -> None:
