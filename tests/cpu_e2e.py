@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -13,7 +12,7 @@ from dataclasses import dataclass
 
 from m2po.selfcheck import config_dir
 
-CHECKSUM_LINE = re.compile(r"\[m2po cpu rollout\] replica (\d+) weights v(\d+) checksum ([0-9a-f]+)")
+SYNC_LOG = "rollout-syncs.jsonl"
 
 
 @dataclass
@@ -26,8 +25,13 @@ class Run:
     def by_step(self) -> dict[int, dict]:
         return {record["step"]: record["data"] for record in self.metrics}
 
-    def rollout_checksums(self) -> list[str]:
-        return [match.group(3) for match in CHECKSUM_LINE.finditer(self.log)]
+    def rollout_syncs(self) -> list[dict]:
+        """One record per weight sync received by a rollout server (replica, weight_version, checksum)."""
+        path = os.path.join(self.output_dir, SYNC_LOG)
+        if not os.path.exists(path):
+            return []
+        with open(path) as f:
+            return [json.loads(line) for line in f if line.strip()]
 
     def tail(self, lines: int = 60) -> str:
         return "\n".join(self.log.splitlines()[-lines:])
@@ -47,12 +51,15 @@ def main_ppo_command(overrides: list[str], config_name: str = "m2po_trainer") ->
     ]
 
 
-def cpu_env(cache_dir: str, metrics_file: str) -> dict:
+def cpu_env(cache_dir: str, metrics_file: str, output_dir: str) -> dict:
+    from m2po.cpu_backend.rollout import SYNC_LOG_ENV
+
     env = dict(os.environ)
     env.update(
         VERL_PLATFORM="cpu",
         M2PO_CACHE=cache_dir,
         VERL_FILE_LOGGER_PATH=metrics_file,
+        **{SYNC_LOG_ENV: os.path.join(output_dir, SYNC_LOG)},
         RAY_DEDUP_LOGS="0",
         PYTHONUNBUFFERED="1",
     )
@@ -98,7 +105,7 @@ def run_main_ppo(
         process = subprocess.Popen(
             command,
             cwd=workdir,
-            env=cpu_env(cache_dir, metrics_file),
+            env=cpu_env(cache_dir, metrics_file, output_dir),
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,

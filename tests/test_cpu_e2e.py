@@ -39,13 +39,18 @@ def assert_ok(run):
     assert run.returncode == 0, run.tail()
 
 
-def test_m2po_on_policy_through_verl(tmp_path, tiny_cache):
-    run = run_main_ppo(str(tmp_path), "m2po-on-policy", ["actor_rollout_ref.rollout.n=4"], tiny_cache)
+def test_m2po_on_policy_through_verl_with_two_fsdp_workers(tmp_path, tiny_cache):
+    run = run_main_ppo(
+        str(tmp_path),
+        "m2po-on-policy",
+        ["actor_rollout_ref.rollout.n=4", "trainer.n_gpus_per_node=2"],  # FSDP2 over gloo, 2 rollout replicas
+        tiny_cache,
+    )
     assert_ok(run)
     steps = run.by_step()
     assert sorted(steps) == [1, 2, 3]
     for step, metrics in steps.items():
-        # produced by our loss inside verl's FSDP worker
+        # produced by our loss inside verl's FSDP workers
         for key in ("m2_before", "m2_after", "masked_fraction", "trust_region_fraction", "ratio_mean"):
             assert f"actor/m2po/{key}" in metrics, (step, key)
         assert math.isfinite(metrics["actor/pg_loss"])
@@ -54,9 +59,16 @@ def test_m2po_on_policy_through_verl(tmp_path, tiny_cache):
         # fp32 rollout vs bf16 actor on the same weights and tokens
         assert metrics["training/rollout_probs_diff_max"] < 1e-2
         assert metrics["training/rollout_actor_probs_pearson_corr"] > 0.99
-    # one sync before step 1, then one after each update: the weights the rollout samples from change
-    checksums = run.rollout_checksums()
-    assert len(checksums) == 4 and len(set(checksums)) == 4, checksums
+    # one sync before step 1, then one after each update, to both replicas: the weights the
+    # rollout samples from are the trained ones, and they change at every update
+    syncs = run.rollout_syncs()
+    by_version: dict[int, set] = {}
+    for record in syncs:
+        by_version.setdefault(record["weight_version"], set()).add((record["replica"], record["checksum"]))
+    assert sorted(by_version) == [1, 2, 3, 4], syncs
+    for version, seen in by_version.items():
+        assert {replica for replica, _ in seen} == {0, 1} and len({c for _, c in seen}) == 1, (version, seen)
+    assert len({next(iter(seen))[1] for seen in by_version.values()}) == 4
 
 
 @pytest.fixture(scope="module")

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import logging
 import os
 from collections import defaultdict
@@ -30,6 +31,7 @@ import torch
 logger = logging.getLogger(__name__)
 
 SERVER_NAME_PREFIX = "m2po_hf_rollout_server_"
+SYNC_LOG_ENV = "M2PO_CPU_ROLLOUT_SYNC_LOG"
 # How long the server waits for concurrent requests to join a batch.
 BATCH_WINDOW_S = 0.02
 
@@ -245,9 +247,23 @@ class HFSamplingServer:
         if self._weights_step() != before:
             self._occurrences.clear()
         checksum = self.weights_checksum()
-        # One line per sync, so a log shows that trained weights reach the rollout.
-        print(f"[m2po cpu rollout] replica {self.replica_rank} weights v{self.weight_version} checksum {checksum}", flush=True)
+        self._report_sync(checksum)
         return checksum
+
+    def _report_sync(self, checksum: str) -> None:
+        """One line per sync in the log, and in `$M2PO_CPU_ROLLOUT_SYNC_LOG` (JSONL) when set: the
+        evidence that trained weights reach the rollout (Ray may drop a log's last lines at exit)."""
+        print(f"[m2po cpu rollout] replica {self.replica_rank} weights v{self.weight_version} checksum {checksum}", flush=True)
+        path = os.environ.get(SYNC_LOG_ENV)
+        if path:
+            record = {
+                "replica": self.replica_rank,
+                "weight_version": self.weight_version,
+                "global_steps": self.global_steps,
+                "checksum": checksum,
+            }
+            with open(path, "a") as f:
+                f.write(json.dumps(record) + "\n")
 
     def _weights_step(self):
         """What seeds sampling: verl's training step if it sent one, else the count of syncs."""
