@@ -129,7 +129,7 @@ class StaleSyncTrainer(PPOTrainerSync):
         needed = self.stale.staleness.delay_iterations
         version = self._current_version()
         logger.info(f"m2po stale@{self.stale.staleness.staleness_updates}: generating {needed} base-policy batches")
-        for _ in tqdm(range(needed), desc="m2po stale warm-up (base-policy batches)", disable=None):
+        for _ in tqdm(range(needed), desc="m2po stale warm-up (base-policy batches)", disable=False):
             self._add_batch_to_generate()
             batch, _ = self.replay_buffer.sample(
                 global_steps=self.global_steps, partition_id="train", batch_size=self.config.data.train_batch_size
