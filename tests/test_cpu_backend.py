@@ -90,8 +90,10 @@ def test_only_an_all_gloo_backend_string_is_collapsed(backend, expected):
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
-    os.environ["M2PO_CACHE"] = str(tmp_path_factory.mktemp("m2po-cache"))
-    return tiny.ensure_built()
+    patch = pytest.MonkeyPatch()
+    patch.setenv("M2PO_CACHE", str(tmp_path_factory.mktemp("m2po-cache")))
+    yield tiny.ensure_built()
+    patch.undo()
 
 
 @pytest.fixture(scope="module")
