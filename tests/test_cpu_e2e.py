@@ -69,6 +69,10 @@ def test_m2po_on_policy_through_verl_with_two_fsdp_workers(tmp_path, tiny_cache)
     for version, seen in by_version.items():
         assert {replica for replica, _ in seen} == {0, 1} and len({c for _, c in seen}) == 1, (version, seen)
     assert len({next(iter(seen))[1] for seen in by_version.values()}) == 4
+    # each step's 16 requests (4 prompts x 4) reach the 2 servers and are sampled in batches, not one by one
+    served = [r for r in syncs if r["weight_version"] > 1]
+    assert sum(r["requests_since_last_sync"] for r in served) == 3 * 16  # reported at the sync after each step
+    assert sum(r["requests_since_last_sync"] for r in served) > 2 * sum(r["batches_since_last_sync"] for r in served)
 
 
 @pytest.fixture(scope="module")

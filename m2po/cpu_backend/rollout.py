@@ -154,7 +154,9 @@ class HFSamplingServer:
         self._occurrences: dict[tuple, int] = defaultdict(int)
         self._pending: list[_Request] = []
         self._drainer: Optional[asyncio.Task] = None
-        self.batch_sizes: list[int] = []
+        # served since the last weight sync, reported with it: shows that requests are batched
+        self._served_requests = 0
+        self._served_batches = 0
 
     # -- generation -----------------------------------------------------------------------------
     async def generate(
@@ -221,7 +223,8 @@ class HFSamplingServer:
                 for request in batch:
                     request.future.set_exception(error)
                 continue
-            self.batch_sizes.append(len(batch))
+            self._served_requests += len(batch)
+            self._served_batches += 1
             for request, result in zip(batch, results):
                 request.future.set_result(result)
 
@@ -248,6 +251,7 @@ class HFSamplingServer:
             self._occurrences.clear()
         checksum = self.weights_checksum()
         self._report_sync(checksum)
+        self._served_requests = self._served_batches = 0
         return checksum
 
     def _report_sync(self, checksum: str) -> None:
@@ -261,6 +265,8 @@ class HFSamplingServer:
                 "weight_version": self.weight_version,
                 "global_steps": self.global_steps,
                 "checksum": checksum,
+                "requests_since_last_sync": self._served_requests,
+                "batches_since_last_sync": self._served_batches,
             }
             with open(path, "a") as f:
                 f.write(json.dumps(record) + "\n")
@@ -280,7 +286,7 @@ class HFSamplingServer:
         return digest.hexdigest()[:16]
 
     def stats(self) -> dict:
-        return {"weight_version": self.weight_version, "batch_sizes": list(self.batch_sizes)}
+        return {"weight_version": self.weight_version, "requests": self._served_requests, "batches": self._served_batches}
 
     # -- verl's server control methods: nothing to free on CPU ----------------------------------
     async def wake_up(self, tags: list[str] | None = None):
