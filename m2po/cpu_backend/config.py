@@ -34,10 +34,13 @@ def cpu_config_errors(config) -> list[str]:
             f"actor_rollout_ref.rollout.name={rollout!r} does not run on CPU (vLLM, SGLang and TensorRT-LLM need "
             f"GPUs); the CPU backend's rollout is {ROLLOUT_NAME!r}"
         )
-    for key in ("trainer.nnodes", "actor_rollout_ref.rollout.nnodes"):
-        nodes = _get(config, key, 1)
-        if key == "trainer.nnodes" and nodes != 1 or key != "trainer.nnodes" and nodes not in (0, 1):
-            errors.append(f"{key}={nodes}: the CPU backend runs on one machine (1 node)")
+    if _get(config, "trainer.nnodes", 1) != 1:
+        errors.append(f"trainer.nnodes={_get(config, 'trainer.nnodes')}: the CPU backend runs on one machine (1 node)")
+    if _get(config, "actor_rollout_ref.rollout.nnodes", 0) not in (0, 1):  # 0: the rollout shares the trainer's
+        errors.append(
+            f"actor_rollout_ref.rollout.nnodes={_get(config, 'actor_rollout_ref.rollout.nnodes')}: "
+            "the CPU backend runs on one machine (1 node)"
+        )
     for key in (
         "actor_rollout_ref.rollout.tensor_model_parallel_size",
         "actor_rollout_ref.rollout.data_parallel_size",

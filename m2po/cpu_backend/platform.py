@@ -55,11 +55,9 @@ def _build_device_module() -> types.ModuleType:
     return module
 
 
-class _PlatformCPU:
-    """Defined lazily (see `register_platform`) so that importing this module never imports verl."""
-
-
 def register_platform():
+    """Define and register `PlatformCPU` (defined here, not at import, so that importing this
+    module never imports verl)."""
     from verl.plugin.platform.platform_base import PlatformBase
     from verl.plugin.platform.platform_manager import PlatformRegistry
 
