@@ -65,10 +65,10 @@ def cpu_config_errors(config) -> list[str]:
         strategy = _get(config, key)
         if strategy is not None and strategy not in SUPPORTED_STRATEGIES:
             errors.append(f"{key}={strategy!r}: on CPU only {', '.join(SUPPORTED_STRATEGIES)} works (FSDP1 needs a GPU)")
-    for key in ("actor_rollout_ref.model.override_config.attn_implementation",):
-        attention = _get(config, key, "flash_attention_2")
-        if attention not in ("sdpa", "eager"):
-            errors.append(f"{key}={attention!r}: flash attention needs a GPU; use sdpa")
+    attention_key = "actor_rollout_ref.model.override_config.attn_implementation"
+    attention = _get(config, attention_key, "flash_attention_2")
+    if attention not in ("sdpa", "eager"):
+        errors.append(f"{attention_key}={attention!r}: flash attention needs a GPU; use sdpa")
     errors += _ray_capacity_errors(config)
     return errors
 

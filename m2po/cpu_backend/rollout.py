@@ -372,7 +372,6 @@ def _adapter_class():
             self.replica_rank = rank // world if replica_rank == -1 else replica_rank
             self.owns_server = rank % world == 0
             self.server = None
-            self.last_checksum: Optional[str] = None
 
         def _server(self):
             if self.server is None:
@@ -396,7 +395,7 @@ def _adapter_class():
             # Every rank iterates: with FSDP the generator gathers full tensors collectively.
             state_dict = {name: tensor.detach().to("cpu", copy=True) for name, tensor in weights}
             if self.owns_server:
-                self.last_checksum = await self._server().update_weights.remote(ray.put(state_dict), global_steps)
+                await self._server().update_weights.remote(ray.put(state_dict), global_steps)
 
     return HFServerAdapter
 
