@@ -27,11 +27,7 @@ class Run:
 
     def rollout_syncs(self) -> list[dict]:
         """One record per weight sync received by a rollout server (replica, weight_version, checksum)."""
-        path = os.path.join(self.output_dir, SYNC_LOG)
-        if not os.path.exists(path):
-            return []
-        with open(path) as f:
-            return [json.loads(line) for line in f if line.strip()]
+        return read_jsonl(os.path.join(self.output_dir, SYNC_LOG), missing_ok=True)
 
     def tail(self, lines: int = 60) -> str:
         return "\n".join(self.log.splitlines()[-lines:])
@@ -67,8 +63,9 @@ def cpu_env(cache_dir: str, metrics_file: str, output_dir: str) -> dict:
     return env
 
 
-def _read_metrics(path: str) -> list[dict]:
-    if not os.path.exists(path):
+def read_jsonl(path: str, missing_ok: bool = False) -> list[dict]:
+    """Every record of a JSON-lines file; [] for a missing file only when `missing_ok`."""
+    if missing_ok and not os.path.exists(path):
         return []
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]
@@ -127,7 +124,7 @@ def run_main_ppo(
     _kill_session(process.pid)
     with open(log_path, errors="replace") as f:
         log_text = f.read()
-    return Run(process.returncode, log_text, _read_metrics(metrics_file), output_dir)
+    return Run(process.returncode, log_text, read_jsonl(metrics_file, missing_ok=True), output_dir)
 
 
 def _session_members(session_id: int) -> list[int]:

@@ -14,7 +14,7 @@ import os
 import pytest
 
 from m2po.verl_integration.stale_trainer import LEDGER_FILE, read_ledger
-from tests.cpu_e2e import run_main_ppo
+from tests.cpu_e2e import read_jsonl, run_main_ppo
 
 pytestmark = pytest.mark.cpu_e2e
 
@@ -101,8 +101,7 @@ def test_stale_k_staleness_through_verl(warmup, uninterrupted_stale_run, tmp_pat
 
 
 def _raw_ledger(output_dir) -> list[dict]:
-    with open(os.path.join(output_dir, LEDGER_FILE)) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    return read_jsonl(os.path.join(output_dir, LEDGER_FILE))
 
 
 def test_sigkill_and_resume_trains_what_an_uninterrupted_run_trains(uninterrupted_stale_run, tmp_path, tiny_cache):
