@@ -4,8 +4,9 @@
         m2po.stale.staleness_updates=256 [any verl override]
 
 Runs every check verl's `main_ppo` runs before it starts Ray (`validate_config`, the actor
-config's dataclass conversion, which validates M2PO's keys) plus ours (`m2po.stale`), resolves
-every interpolation, and prints the resolved config as YAML. Needs no GPU, model or data.
+config's dataclass conversion, which validates M2PO's keys) plus ours (`m2po.stale`, and which
+importance ratio reaches the loss), resolves every interpolation, and prints the resolved config as
+YAML. Needs no GPU, model or data.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ def validate_experiment(config: DictConfig) -> dict:
     from verl.trainer.ppo.utils import need_critic, need_reference_policy
     from verl.utils.config import omega_conf_to_dataclass, validate_config
 
-    from m2po.verl_integration.stale_settings import stale_settings_from_config
+    from m2po.verl_integration.startup_checks import check_m2po_config
 
     experiment = config.get("m2po", {}).get("experiment", {})
     for key in ("llm", "method"):
@@ -39,7 +40,7 @@ def validate_experiment(config: DictConfig) -> dict:
     resolved = OmegaConf.to_container(config, resolve=True)
     validate_config(config=config, use_reference_policy=need_reference_policy(config), use_critic=need_critic(config))
     omega_conf_to_dataclass(config.actor_rollout_ref.actor)
-    stale_settings_from_config(config)
+    check_m2po_config(config)  # also inside validate_config when the plugin is loaded; explicit here
     return resolved
 
 
@@ -57,15 +58,23 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if not args.quiet:
         print(OmegaConf.to_yaml(OmegaConf.create(resolved)))
-    print(
-        f"# dry run OK: {resolved['trainer']['experiment_name']} "
-        f"(loss_mode={resolved['actor_rollout_ref']['actor']['policy_loss']['loss_mode']}, "
-        f"staleness={resolved['m2po']['stale']['staleness_updates']} updates, "
-        f"trainer_mode={resolved['trainer']['v1']['trainer_mode']}, "
-        f"{resolved['trainer']['nnodes']}x{resolved['trainer']['n_gpus_per_node']} GPUs)",
-        file=sys.stderr,
-    )
+    print(f"# dry run OK: {summary(resolved)}", file=sys.stderr)
     return 0
+
+
+def summary(resolved: dict) -> str:
+    """One line: run name, loss, staleness, trainer mode, GPU layout."""
+    from m2po.verl_integration.trainer_modes import SEPARATE_ASYNC_MODES
+
+    trainer, rollout = resolved["trainer"], resolved["actor_rollout_ref"]["rollout"]
+    mode = trainer["v1"]["trainer_mode"]
+    layout = f"{trainer['nnodes']}x{trainer['n_gpus_per_node']} GPUs"
+    if mode in SEPARATE_ASYNC_MODES:
+        layout += f" train + {rollout['nnodes']}x{rollout['n_gpus_per_node']} GPUs rollout"
+    return (
+        f"{trainer['experiment_name']} (loss_mode={resolved['actor_rollout_ref']['actor']['policy_loss']['loss_mode']}, "
+        f"staleness={resolved['m2po']['stale']['staleness_updates']} updates, trainer_mode={mode}, {layout})"
+    )
 
 
 if __name__ == "__main__":

@@ -14,9 +14,11 @@ import traceback
 from importlib import metadata
 
 ENTRY_POINT_GROUP = "verl.plugins"
-ENTRY_POINT_NAME = "m2po"
+ENTRY_POINT_NAME = "m2po"  # the losses, trainers and start-up checks
+CPU_ENTRY_POINT_NAME = "m2po_cpu"  # the CPU backend, inert unless VERL_PLATFORM=cpu
 
-# Runs in a fresh process: only `import verl`, nothing of ours, then reports what verl registered.
+# Runs in a fresh process: only `import verl` (and verl's own v1 trainer package, as main_ppo
+# imports it), nothing of ours, then reports what verl registered.
 _PROBE = r"""
 import json, sys
 import verl
@@ -25,6 +27,14 @@ report = {"verl": verl.__version__, "python": sys.version.split()[0], "registere
 for name in ("m2po", "no_trust_region"):
     fn = POLICY_LOSS_REGISTRY.get(name)
     report["registered"][name] = None if fn is None else f"{fn.__module__}.{fn.__qualname__}"
+import verl.utils.config
+report["startup_checks"] = bool(getattr(verl.utils.config.validate_config, "_m2po_checks", False))
+from verl.trainer.ppo.v1.trainer_base import TRAINER_REGISTRY
+report["trainers"] = {name: TRAINER_REGISTRY[name].__module__ if name in TRAINER_REGISTRY else None
+                      for name in ("m2po_stale", "m2po_separate_async", "m2po_colocate_async")}
+from omegaconf import OmegaConf
+report["cpu_backend"] = {"loaded": "m2po.cpu_backend.plugin" in sys.modules,
+                         "resolvers": OmegaConf.has_resolver("m2po_cpu_tiny")}
 import torch, transformers
 report["torch"] = torch.__version__
 report["transformers"] = transformers.__version__
@@ -89,10 +99,29 @@ def run_check(stream=sys.stdout) -> int:
         ok &= ours
         status = "ok" if ours else ("MISSING" if target is None else f"registered by someone else: {target}")
         print(f"  loss_mode={name}: {status}{f' ({target})' if ours else ''}", file=stream)
+    for name, module in report["trainers"].items():
+        ours = module is not None and module.startswith("m2po.")
+        ok &= ours
+        print(f"  trainer.v1.trainer_mode={name}: {'ok' if ours else 'MISSING'}", file=stream)
+    ok &= report["startup_checks"]
+    print(
+        f"  start-up checks in verl's validate_config: {'ok' if report['startup_checks'] else 'MISSING'}", file=stream
+    )
+    cpu = report["cpu_backend"]
+    cpu_ok = cpu["loaded"] and cpu["resolvers"]
+    print(
+        f"  CPU backend (entry point '{CPU_ENTRY_POINT_NAME}', active only with VERL_PLATFORM=cpu): "
+        f"{'ok' if cpu_ok else 'NOT LOADED (only needed for CPU runs; the losses and trainers do not depend on it)'}",
+        file=stream,
+    )
     if not ok:
         for hint in _diagnose():
             print("  hint: " + hint, file=stream)
-        print("FAIL: M2PO losses are not registered in verl", file=stream)
+        print("FAIL: M2PO is not (fully) registered in verl", file=stream)
         return 1
-    print("OK: a fresh `import verl` registers the M2PO losses (as in every Ray worker of this environment)", file=stream)
+    print(
+        "OK: a fresh `import verl` registers the M2PO losses, trainers and start-up checks "
+        "(as in every Ray worker of this environment)",
+        file=stream,
+    )
     return 0

@@ -63,12 +63,22 @@ def cpu_env(cache_dir: str, metrics_file: str, output_dir: str) -> dict:
     return env
 
 
-def read_jsonl(path: str, missing_ok: bool = False) -> list[dict]:
-    """Every record of a JSON-lines file; [] for a missing file only when `missing_ok`."""
+def read_jsonl(path: str, missing_ok: bool = False, skip_cut_lines: bool = False) -> list[dict]:
+    """Every record of a JSON-lines file; [] for a missing file only when `missing_ok`; with
+    `skip_cut_lines`, a line a crash cut short is left out instead of failing the read."""
     if missing_ok and not os.path.exists(path):
         return []
+    records = []
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        for line in f:
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                if not skip_cut_lines:
+                    raise
+    return records
 
 
 def run_main_ppo(

@@ -79,3 +79,61 @@ def trust_region(log_ratio: torch.Tensor, advantages: torch.Tensor, response_mas
         )
     ]
     return torch.tensor(out, dtype=torch.bool).reshape(log_ratio.shape)
+
+
+def areal_keep_mask(staleness_log_ratio: torch.Tensor, response_mask: torch.Tensor, tau: float) -> torch.Tensor:
+    """AReaL's `m2_threshold` rule as its code behaves (written from its semantics, not its code):
+    over every valid token, sorted by `d**2` descending, mask the shortest prefix after which the
+    mean of the rest is strictly below tau; if no prefix gets there, keep only the last (smallest)
+    token. Exact arithmetic; ties broken like the package (larger flat index masked first)."""
+    moments = second_moments(staleness_log_ratio)
+    valid = [i for i, v in enumerate(response_mask.reshape(-1).tolist()) if v]
+    order = sorted(valid, key=lambda i: (-moments[i], -i))
+    keep = [True] * len(moments)
+    for masked in range(len(order)):
+        rest = order[masked:]
+        if sum((Fraction(moments[i]) for i in rest), Fraction(0)) / len(rest) < Fraction(tau):
+            break
+    else:
+        masked = len(order) - 1
+    for i in order[:masked]:
+        keep[i] = False
+    return torch.tensor(keep, dtype=torch.bool).reshape(staleness_log_ratio.shape)
+
+
+def decoupled_token_losses(
+    log_probs: torch.Tensor,
+    proximal_log_probs: torch.Tensor,
+    staleness_log_ratio: torch.Tensor,
+    advantages: torch.Tensor,
+    response_mask: torch.Tensor,
+    tau: float,
+    clip_low: float,
+    clip_high: float,
+    clip_c: float | None,
+) -> torch.Tensor:
+    """AReaL's decoupled M2PO, token by token: the Algorithm 1 mask (above) over every valid token
+    of `d = log pi_prox - log pi_behav`, then `exp(d) * max(-A r, -A clip(r))` with
+    `r = pi_theta / pi_prox` (dual clip `min(., -A c)` for `A < 0`), 0 where masked or padding.
+    Differentiable in `log_probs` (built from per-token scalar ops)."""
+    keep = algorithm1_keep_mask(torch.where(response_mask, staleness_log_ratio, 0.0), response_mask, tau)
+    flat_lp = log_probs.reshape(-1)
+    flat = zip(
+        proximal_log_probs.reshape(-1).tolist(),
+        staleness_log_ratio.reshape(-1).tolist(),
+        advantages.reshape(-1).tolist(),
+        response_mask.reshape(-1).tolist(),
+        keep.reshape(-1).tolist(),
+    )
+    out = []
+    for i, (prox, d, a, valid, kept) in enumerate(flat):
+        if not (valid and kept):
+            out.append(flat_lp[i] * 0.0)
+            continue
+        ratio = torch.exp(flat_lp[i] - prox)
+        clipped = torch.clamp(ratio, 1 - clip_low, 1 + clip_high)
+        loss = torch.maximum(-a * ratio, -a * clipped)
+        if clip_c is not None and a < 0:
+            loss = torch.minimum(loss, torch.tensor(-a * clip_c, dtype=ratio.dtype))
+        out.append(math.exp(d) * loss)
+    return torch.stack(out).reshape(log_probs.shape)

@@ -64,7 +64,7 @@ def test_plain_overrides_compose():
         ("actor_rollout_ref.actor.policy_loss.m2_threshold=-0.1", "actor_rollout_ref.actor.policy_loss.m2_threshold must be > 0"),
         ("actor_rollout_ref.actor.policy_loss.m2_threshold=0", "actor_rollout_ref.actor.policy_loss.m2_threshold must be > 0"),
         ("actor_rollout_ref.actor.policy_loss.m2_threshold=nan", "actor_rollout_ref.actor.policy_loss.m2_threshold must be > 0"),
-        ("actor_rollout_ref.actor.policy_loss.m2po_variant=areal", r"m2po_variant must be one of \['mask', 'clip'\]"),
+        ("actor_rollout_ref.actor.policy_loss.m2po_variant=areal", r"m2po_variant must be one of \['mask', 'clip', 'decoupled'\]"),
     ],
 )
 def test_bad_values_fail_at_start_up_naming_the_key(override, message):

@@ -4,15 +4,18 @@ checks and every training script's CPU smoke config."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
 import sys
+import threading
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from omegaconf import OmegaConf
 
 from m2po.cpu_backend import tiny
 from m2po.cpu_backend.config import cpu_config_errors
@@ -30,6 +33,8 @@ from verl.workers.engine.base import EngineRegistry
 from verl.workers.engine.fsdp import transformer_impl
 from verl.workers.rollout import base
 from verl.workers.rollout.replica import RolloutReplicaRegistry
+from verl.checkpoint_engine.base import CheckpointEngineRegistry
+from verl.utils import fsdp_utils
 print(json.dumps({
     "platforms": sorted(PlatformRegistry.registered_names()),
     "replicas": sorted(RolloutReplicaRegistry._registry),
@@ -37,6 +42,8 @@ print(json.dumps({
     "cpu_engines": sorted(b for b, keys in EngineRegistry._engines["language_model"].items() if "cpu" in keys),
     "init_process_group_patched": hasattr(torch.distributed.init_process_group, "_m2po_cpu_patch"),
     "offload_policy": transformer_impl.CPUOffloadPolicy.__name__,
+    "snapshot_patched": hasattr(fsdp_utils.fsdp2_sharded_save_to_cpu, "_m2po_cpu_patch"),
+    "checkpoint_engines": sorted(CheckpointEngineRegistry._registry),
     "device": get_platform().device_name,
 }))
 """
@@ -56,6 +63,7 @@ def test_unselected_backend_leaves_verl_unchanged():
     assert "hf" not in state["replicas"] and "hf" not in state["rollouts"]
     assert state["cpu_engines"] == []
     assert not state["init_process_group_patched"] and state["offload_policy"] == "CPUOffloadPolicy"
+    assert not state["snapshot_patched"] and "m2po_cpu" not in state["checkpoint_engines"]
     assert state["device"] == "cuda"  # verl's own fallback on a machine without accelerators
 
 
@@ -65,6 +73,7 @@ def test_selected_backend_registers_platform_engines_rollout_and_patches():
     assert "hf" in state["replicas"] and "hf" in state["rollouts"]
     assert state["cpu_engines"] == ["fsdp", "fsdp2"]
     assert state["init_process_group_patched"] and state["offload_policy"] == "UnpinnedCPUOffloadPolicy"
+    assert state["snapshot_patched"] and "m2po_cpu" in state["checkpoint_engines"]
 
 
 def test_other_verl_versions_are_refused_by_name(monkeypatch):
@@ -144,14 +153,15 @@ def test_batched_sampling_equals_sampling_each_request_alone(tiny_model, seeds, 
     eos = {2}
     together = sample_batch(tiny_model, _requests(PROMPTS, seeds, temperature), eos, pad_token_id=0)
     alone = [sample_batch(tiny_model, _requests([p], [s], temperature), eos, 0)[0] for p, s in zip(PROMPTS, seeds)]
-    for (ids_b, lps_b), (ids_a, lps_a) in zip(together, alone):
+    for (ids_b, lps_b, aborted_b), (ids_a, lps_a, aborted_a) in zip(together, alone):
+        assert not aborted_b and not aborted_a
         assert ids_b == ids_a
         assert torch.allclose(torch.tensor(lps_b), torch.tensor(lps_a), atol=1e-5)
 
 
 def test_sampled_log_probs_are_the_models_at_the_temperature(tiny_model):
     temperature = 0.7
-    (ids, log_probs), = sample_batch(tiny_model, _requests([PROMPTS[1]], [5], temperature, max_tokens=8), {-1}, 0)
+    (ids, log_probs, _), = sample_batch(tiny_model, _requests([PROMPTS[1]], [5], temperature, max_tokens=8), {-1}, 0)
     assert len(ids) == 8  # no EOS in the set: the length budget stops it
     sequence = torch.tensor([PROMPTS[1] + ids])
     with torch.no_grad():
@@ -165,8 +175,95 @@ def test_sampling_stops_at_eos_and_top_k_1_is_greedy(tiny_model):
     top1, = sample_batch(tiny_model, _requests([PROMPTS[0]], [2], temperature=1.0, max_tokens=10, top_k=1), set(), 0)
     assert greedy[0] == top1[0]
     stop = greedy[0][3]
-    (ids, _), = sample_batch(tiny_model, _requests([PROMPTS[0]], [1], temperature=0.0, max_tokens=10), {stop}, 0)
+    (ids, _, _), = sample_batch(tiny_model, _requests([PROMPTS[0]], [1], temperature=0.0, max_tokens=10), {stop}, 0)
     assert ids == greedy[0][: greedy[0].index(stop) + 1]
+
+
+def test_a_set_stop_event_ends_decoding_with_the_partial_responses(tiny_model):
+    stop = threading.Event()
+    stop.set()  # set before the first token: every unfinished row comes back empty and aborted
+    results = sample_batch(tiny_model, _requests(PROMPTS[:2], [1, 2]), {-1}, 0, stop=stop)
+    assert [(ids, aborted) for ids, _, aborted in results] == [([], True), ([], True)]
+
+
+class _StoppingModel(torch.nn.Module):
+    """The tiny model, setting `stop` once it has produced `after` forward passes."""
+
+    def __init__(self, model, stop, after):
+        super().__init__()
+        self.model, self.stop, self.after, self.calls = model, stop, after, 0
+
+    def forward(self, **kwargs):
+        self.calls += 1
+        if self.calls == self.after:
+            self.stop.set()
+        return self.model(**kwargs)
+
+
+def test_abort_mid_decode_returns_exactly_the_tokens_sampled_so_far(tiny_model):
+    full = sample_batch(tiny_model, _requests(PROMPTS[:2], [3, 4], max_tokens=8), {-1}, 0)
+    stop = threading.Event()
+    partial = sample_batch(_StoppingModel(tiny_model, stop, 3), _requests(PROMPTS[:2], [3, 4], max_tokens=8), {-1}, 0, stop)
+    for (ids, lps, _), (part_ids, part_lps, aborted) in zip(full, partial):
+        assert aborted and len(part_ids) == 3 and part_ids == ids[:3]  # same seeds: a prefix of the full answer
+        assert torch.allclose(torch.tensor(part_lps), torch.tensor(lps[:3]), atol=1e-6)
+
+
+class _HoldingModel(torch.nn.Module):
+    """The tiny model; its `hold_at`-th forward pass waits until `release` is set."""
+
+    def __init__(self, model, release, hold_at):
+        super().__init__()
+        self.model, self.release, self.hold_at, self.calls = model, release, hold_at, 0
+
+    def forward(self, **kwargs):
+        self.calls += 1
+        if self.calls == self.hold_at:
+            assert self.release.wait(timeout=60)
+        return self.model(**kwargs)
+
+
+def _server(tiny_dir):
+    from types import SimpleNamespace
+
+    from m2po.cpu_backend.rollout import HFSamplingServer
+    from verl.workers.config import HFModelConfig
+
+    config = SimpleNamespace(max_model_len=None, prompt_length=16, response_length=8, seed=0, max_num_seqs=8)
+    model_config = HFModelConfig(path=os.path.join(tiny_dir, "model"))
+    return HFSamplingServer(config=config, model_config=model_config, replica_rank=0)
+
+
+def test_server_abort_pauses_answers_partial_and_resume_continues(tiny_dir):
+    """verl's partial rollout (vLLM's semantics): abort answers every request with what it has and
+    stop_reason 'aborted', requests arriving while paused wait for resume_generation, and each answer
+    carries the training step of the weights that generated it."""
+
+    async def scenario():
+        server = _server(tiny_dir)
+        # the third forward pass waits until generation is aborted: the abort lands mid-decode
+        server.model = _HoldingModel(server.model, server._stop, hold_at=3)
+        await server.set_global_steps(3)
+        params = {"max_tokens": 8, "temperature": 1.0, "logprobs": True}
+        running = asyncio.ensure_future(server.generate(PROMPTS[1], params, request_id="a"))
+        while server.model.calls < 3:
+            await asyncio.sleep(0.01)
+        await server.abort_all_requests()
+        first = await running
+        assert first.stop_reason == "aborted" and len(first.token_ids) == 3
+        assert len(first.log_probs) == len(first.token_ids) and first.extra_fields["global_steps"] == 3
+        parked = asyncio.ensure_future(server.generate(PROMPTS[0], params, request_id="b"))
+        await asyncio.sleep(0.3)
+        assert not parked.done()  # waits for resume_generation
+        await server.set_global_steps(4)  # a weight update while paused
+        await server.resume_generation()
+        second = await parked
+        assert second.stop_reason == "completed" and second.extra_fields["global_steps"] == 4
+        await server.abort_all_requests(reject_request=True)
+        rejected = await server.generate(PROMPTS[0], params, request_id="c")
+        assert rejected.stop_reason == "aborted" and rejected.token_ids == []
+
+    asyncio.run(scenario())
 
 
 def test_request_seeds_separate_versions_prompts_and_repeats():
@@ -188,7 +285,8 @@ def _cpu_config(*overrides):
         ("actor_rollout_ref.rollout.name=sglang", "the CPU backend's rollout is 'hf'"),
         ("trainer.nnodes=2", "trainer.nnodes=2: the CPU backend runs on one machine"),
         ("actor_rollout_ref.model.lora_rank=8", "LoRA weight sync to the rollout is not supported on CPU"),
-        ("trainer.v1.trainer_mode=separate_async", "asynchronous trainers are not supported on CPU"),
+        ("trainer.v1.trainer_mode=fully_async", "trainer_mode='fully_async' is not supported on CPU"),
+        ("actor_rollout_ref.hybrid_engine=false", "needs trainer.v1.trainer_mode in ['separate_async', 'm2po_separate_async']"),
         ("actor_rollout_ref.actor.strategy=fsdp", "only fsdp2 works"),
         ("actor_rollout_ref.rollout.tensor_model_parallel_size=2", "tensor_model_parallel_size=2"),
         ("actor_rollout_ref.model.override_config.attn_implementation=flash_attention_2", "use sdpa"),
@@ -200,6 +298,41 @@ def test_unsupported_combinations_are_named(override, message, monkeypatch):
     monkeypatch.setenv("VERL_PLATFORM", "cpu")
     errors = cpu_config_errors(_cpu_config(override))
     assert len(errors) == 1 and message in errors[0], errors
+
+
+SEPARATE_ON_CPU = [
+    "trainer.v1.trainer_mode=m2po_separate_async",
+    "actor_rollout_ref.hybrid_engine=false",
+    "actor_rollout_ref.rollout.checkpoint_engine.backend=m2po_cpu",
+    "actor_rollout_ref.rollout.nnodes=1",
+    "actor_rollout_ref.rollout.n_gpus_per_node=1",
+]
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("actor_rollout_ref.hybrid_engine=true", "on CPU the standalone replicas serve every rollout"),
+        ("actor_rollout_ref.rollout.checkpoint_engine.backend=nccl", "backend='nccl': NCCL, NIXL and the other GPU"),
+        ("actor_rollout_ref.rollout.n_gpus_per_node=0", "rollout.n_gpus_per_node must be >= 1"),
+        ("ray_kwargs.ray_init.num_gpus=1", "num_gpus=1 logical slots for 1 training workers (trainer.n_gpus_per_node) and 1 standalone rollout"),
+        ("ray_kwargs.ray_init.num_cpus=7", "needs at least 8: 3 per training worker, 2 per standalone rollout slot"),
+    ],
+)
+def test_separate_async_on_cpu_needs_the_standalone_pool_and_object_store_sync(override, message, monkeypatch):
+    monkeypatch.setenv("VERL_PLATFORM", "cpu")
+    assert cpu_config_errors(_cpu_config(*SEPARATE_ON_CPU)) == []
+    config = _cpu_config(*SEPARATE_ON_CPU)
+    assert config.ray_kwargs.ray_init.num_gpus == 2  # the overlay declares trainer + standalone rollout slots
+    errors = cpu_config_errors(_cpu_config(*SEPARATE_ON_CPU, override))
+    assert len(errors) == 1 and message in errors[0], errors
+
+
+@pytest.mark.parametrize("mode", ["colocate_async", "m2po_colocate_async", "sync", "m2po_stale"])
+def test_colocated_trainers_run_on_the_hybrid_rollout(mode, monkeypatch):
+    monkeypatch.setenv("VERL_PLATFORM", "cpu")
+    config = _cpu_config(f"trainer.v1.trainer_mode={mode}")
+    assert cpu_config_errors(config) == [] and config.ray_kwargs.ray_init.num_gpus == 1
 
 
 def test_overlay_alone_is_supported_and_asks_for_the_selector(monkeypatch):
@@ -227,10 +360,8 @@ def test_every_script_has_a_cpu_smoke_config(script, tmp_path, tiny_dir, monkeyp
     smoke = compose_config("m2po_paper", [*smoke_overrides(original), *overrides])
     code = launch_main(["--quiet", *smoke_overrides(original), *overrides])
     err = capsys.readouterr().err
-    if script.startswith("async/"):
-        assert code == 2 and "asynchronous trainers are not supported on CPU" in err
-        return
     assert code == 0, err
+    assert cpu_config_errors(smoke) == []
 
     def updates_per_step(c):
         return c.data.train_batch_size // c.actor_rollout_ref.actor.ppo_mini_batch_size * c.actor_rollout_ref.actor.ppo_epochs
@@ -243,12 +374,15 @@ def test_every_script_has_a_cpu_smoke_config(script, tmp_path, tiny_dir, monkeyp
         "actor_rollout_ref.actor.ppo_epochs",
         "actor_rollout_ref.actor.loss_agg_mode",
     ):
-        from omegaconf import OmegaConf
-
         assert OmegaConf.select(smoke, key) == OmegaConf.select(original, key), key
     assert updates_per_step(smoke) == updates_per_step(original)
     assert smoke.data.train_batch_size < original.data.train_batch_size
     assert smoke.actor_rollout_ref.rollout.name == "hf" and smoke.trainer.n_gpus_per_node == 1
+    for key in ("trainer.v1.trainer_mode", "algorithm.rollout_correction", "actor_rollout_ref.rollout.calculate_log_probs"):
+        assert OmegaConf.select(smoke, key) == OmegaConf.select(original, key), key  # the ratio the loss sees
+    if script.startswith("async/"):  # verl's separate_async: one worker + one standalone replica
+        assert smoke.actor_rollout_ref.rollout.n_gpus_per_node == 1 and not smoke.actor_rollout_ref.hybrid_engine
+        assert smoke.trainer.v1.separate_async.parameter_sync_step == updates_per_step(smoke)
 
 
 def test_cpu_smoke_dry_run_through_the_script(tmp_path):

@@ -1,6 +1,7 @@
 """End to end through verl 0.9.1's real trainer on CPU (`python -m verl.trainer.main_ppo` with the
 CPU backend and the tiny model): FSDP2 workers, the `hf` rollout, TransferQueue, weight sync,
-checkpoints. Each run starts its own Ray cluster (~1-2 min each on 2 cores; the group ~10 min).
+checkpoints, and verl's asynchronous separate_async trainer with a standalone rollout replica. Each
+run starts its own Ray cluster (~1-2 min each on 2 cores; the group ~15 min).
 
 Run on its own with `pytest -m cpu_e2e`.
 """
@@ -13,8 +14,11 @@ import os
 
 import pytest
 
+from m2po.cpu_backend.smoke import smoke_overrides
+from m2po.launch import compose_config
 from m2po.verl_integration.stale_trainer import LEDGER_FILE, read_ledger
 from tests.cpu_e2e import read_jsonl, run_main_ppo
+from tests.test_behaviour_ratio import SCRIPT_OVERRIDES
 
 pytestmark = pytest.mark.cpu_e2e
 
@@ -152,3 +156,118 @@ def test_v0_trainer_on_cpu(tmp_path, tiny_cache):
     steps = run.by_step()
     assert sorted(steps) == [1, 2]
     assert all("actor/m2po/m2_before" in metrics for metrics in steps.values())
+
+
+# ------------------------------------------------------------------ verl's separate_async trainer
+
+ASYNC_STEPS = 4
+UPDATES_PER_VERSION = 4  # the scripts' parameter_sync_step, one update per local step
+ASYNC_TEST = [
+    f"trainer.total_training_steps={ASYNC_STEPS}",
+    # large enough that a few updates move the tiny policy visibly; a small tau so that the mask acts
+    "actor_rollout_ref.actor.optim.lr=1e-3",
+    "actor_rollout_ref.actor.policy_loss.m2_threshold=0.01",
+]
+
+
+def _async_script_overrides(script: str, *extra: str) -> list[str]:
+    """What `train-scripts/async/<script> --cpu-smoke` runs: the smoke settings, the script's own, then ours."""
+    overrides = SCRIPT_OVERRIDES[script]
+    smoke = [o for o in smoke_overrides(compose_config("m2po_paper", overrides)) if o != "+cpu=tiny"]  # run_main_ppo adds it
+    return [*smoke, *overrides, *ASYNC_TEST, *extra]
+
+
+def _async_run(workdir, name, script, cache, *extra, **kwargs):
+    return run_main_ppo(workdir, name, _async_script_overrides(script, *extra), cache, config_name="m2po_paper", **kwargs)
+
+
+def _updates(output_dir) -> list[dict]:
+    """The ledger's records in file order (a line cut by a SIGKILL is skipped)."""
+    return read_jsonl(os.path.join(output_dir, LEDGER_FILE), skip_cut_lines=True)
+
+
+def _check_staleness_bookkeeping(records):
+    for record in records:
+        assert record["update"] == (record["global_step"] - 1) * UPDATES_PER_VERSION + record["local_step"]
+        # the oldest generating weights (version v: synced after 4v updates) give the largest staleness
+        assert record["staleness_updates_max"] == record["update"] - UPDATES_PER_VERSION * record["generated_at_version_min"]
+        assert record["staleness_updates_min"] <= record["staleness_updates_mean"] <= record["staleness_updates_max"]
+        assert record["num_samples"] > 0 and record["prompt_uids"]
+
+
+def test_async_m2po_trains_against_the_policy_that_generated_the_data(tmp_path, tiny_cache):
+    """`async/m2po_separate_async.sh --cpu-smoke`: verl's separate_async with a standalone `hf` replica,
+    weights synced through the object store. The loss sees pi_theta / pi_behav (bypass mode): on the
+    first update of a sync window, where the trainer's snapshot ratio is exactly 1, M2 is already that
+    of a policy several updates old, and the mask acts."""
+    run = _async_run(str(tmp_path), "async-m2po", "m2po_separate_async.sh", tiny_cache)
+    assert_ok(run)
+    steps = run.by_step()
+    assert sorted(steps) == list(range(1, ASYNC_STEPS + 1))
+    records = _updates(run.output_dir)
+    assert [r["update"] for r in records] == list(range(ASYNC_STEPS * UPDATES_PER_VERSION))
+    _check_staleness_bookkeeping(records)
+    assert max(r["staleness_updates_max"] for r in records) >= UPDATES_PER_VERSION  # rollouts run ahead
+    fresh = records[0]  # update 0: the initial weights generated the data and are being trained
+    assert fresh["staleness_updates_max"] == 0
+    window_starts = [r for r in records if r["local_step"] == 0 and r["staleness_updates_min"] > 0]
+    assert window_starts
+    for record in window_starts:
+        # the snapshot ratio would be exactly 1 here (M2 = 0; see the decoupled run below); the
+        # behaviour ratio carries the staleness
+        assert record["actor/m2po/m2_all_before"] > max(1e-3, 10 * fresh["actor/m2po/m2_all_before"]), record
+        assert record["actor/m2po/ratio_max"] > 1.01, record
+    assert any(r["actor/m2po/m2_before"] > 0 for r in window_starts)
+    assert any(r["actor/m2po/masked_fraction"] > 0 for r in records)
+    for step, metrics in steps.items():  # logged next to the M2PO metrics
+        in_step = [r for r in records if r["global_step"] == step]
+        assert metrics["stale/staleness_updates_max"] == max(r["staleness_updates_max"] for r in in_step)
+        assert metrics["stale/staleness_updates_min"] == min(r["staleness_updates_min"] for r in in_step)
+        assert "actor/m2po/m2_before" in metrics and "actor/m2po/masked_fraction" in metrics
+    # the standalone replica got the trained weights once before step 1 and after every step
+    syncs = run.rollout_syncs()
+    assert [r["weight_version"] for r in syncs] == list(range(1, ASYNC_STEPS + 2))
+    assert [r["global_steps"] for r in syncs] == list(range(ASYNC_STEPS + 1))
+    assert len({r["checksum"] for r in syncs}) == ASYNC_STEPS + 1
+
+
+def test_async_decoupled_run_survives_sigkill_and_resumes_without_training_anything_twice(tmp_path, tiny_cache):
+    """`async/m2po_decoupled_separate_async.sh --cpu-smoke` (AReaL's variant, verl's decoupled mode):
+    checkpoint at step 2 (verl saves the TransferQueue with the queued rollouts), SIGKILL once step 3
+    trains, resume. The run continues at step 3, trains rollouts that were queued before the crash,
+    and no prompt group trained up to the checkpoint is trained again."""
+    workdir = str(tmp_path)
+
+    def step_3_trained(output_dir):
+        path = os.path.join(output_dir, LEDGER_FILE)
+        return os.path.exists(path) and any(r["global_step"] == 3 for r in read_jsonl(path, skip_cut_lines=True))
+
+    crashed = _async_run(workdir, "decoupled", "m2po_decoupled_separate_async.sh", tiny_cache, "trainer.save_freq=2",
+                         kill_when=step_3_trained)
+    assert crashed.returncode == -9, crashed.tail()
+    assert os.path.isdir(os.path.join(crashed.output_dir, "global_step_2", "transfer_queue"))
+    before = _updates(crashed.output_dir)
+    resumed = _async_run(workdir, "decoupled", "m2po_decoupled_separate_async.sh", tiny_cache, "trainer.save_freq=2")
+    assert_ok(resumed)
+    assert sorted(resumed.by_step()) == list(range(3, ASYNC_STEPS + 1))
+    after = _updates(resumed.output_dir)[len(before) :]
+    assert [r["update"] for r in after] == list(range(2 * UPDATES_PER_VERSION, ASYNC_STEPS * UPDATES_PER_VERSION))
+    _check_staleness_bookkeeping(before + after)
+    checkpointed = [r for r in before if r["global_step"] <= 2]
+    assert [r["update"] for r in checkpointed] == list(range(2 * UPDATES_PER_VERSION))
+    trained_before = {uid for r in checkpointed for uid in r["prompt_uids"]}
+    trained_after = [uid for r in after for uid in r["prompt_uids"]]
+    assert not trained_before & set(trained_after)  # nothing trained into the checkpoint is trained again
+    assert len(trained_after) == len(set(trained_after))
+    # rollouts queued before the crash (generated by weights older than the checkpoint's) are trained after it
+    assert any(r["generated_at_version_min"] < 2 for r in after)
+    for record in before + after:  # AReaL's variant in verl's decoupled mode
+        # old_log_prob is the trainer's snapshot at the start of the window: r = pi_theta / pi_prox is 1
+        # on the window's first update and moves away from 1 as the trainer updates within it
+        if record["local_step"] == 0:
+            assert abs(record["actor/m2po/ratio_max"] - 1.0) < 1e-3, record
+        else:
+            assert record["actor/m2po/ratio_max"] > 1.01, record
+        assert record["actor/m2po/trust_region_fraction"] == 1.0  # every token is a candidate
+    assert any(r["actor/m2po/masked_fraction"] > 0 for r in before + after)
+    assert any(r["actor/m2po/behaviour_ratio_max"] > 1.1 for r in before + after)  # pi_prox / pi_behav reached the loss

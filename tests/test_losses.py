@@ -227,5 +227,5 @@ def test_invalid_threshold_is_rejected(tau):
 
 def test_unknown_variant_is_rejected():
     log_probs, behaviour, advantages, response_mask = _inputs(8)
-    with pytest.raises(ValueError, match=r"m2po_variant must be one of \['mask', 'clip'\]"):
+    with pytest.raises(ValueError, match=r"m2po_variant must be one of \['mask', 'clip', 'decoupled'\]"):
         m2po_loss(log_probs, behaviour, advantages, response_mask, variant="areal")

@@ -15,6 +15,10 @@ def test_check_passes_on_a_good_install():
     out = _check(CLEAN_ENV)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "loss_mode=m2po: ok" in out.stdout and "verl 0.9.1" in out.stdout
+    for mode in ("m2po_stale", "m2po_separate_async", "m2po_colocate_async"):
+        assert f"trainer.v1.trainer_mode={mode}: ok" in out.stdout
+    assert "start-up checks in verl's validate_config: ok" in out.stdout
+    assert "CPU backend (entry point 'm2po_cpu', active only with VERL_PLATFORM=cpu): ok" in out.stdout
 
 
 def test_check_fails_and_explains_when_plugins_are_disabled():

@@ -38,7 +38,7 @@ def _python_call(script: str, *args: str, tmp_path) -> list[str]:
 
 
 def test_the_expected_experiments_exist():
-    assert len(EXPERIMENT_SCRIPTS) == 7 + 5 * 3 + 6 + 2
+    assert len(EXPERIMENT_SCRIPTS) == 7 + 5 * 3 + 6 + 3  # ... + the asynchronous M2PO, M2PO decoupled and GRPO
     for s in ("grpo_s0", "grpo_s8", "grpo_s256", "grpo_no_tr_s256", "m2po_s0", "m2po_s8", "m2po_s256"):
         assert f"qwen2.5-math-7b/{s}.sh" in EXPERIMENT_SCRIPTS
 
@@ -103,7 +103,7 @@ def test_paper_settings_reach_the_config(tmp_path):
     big = _resolved("qwen2.5-32b/m2po_s256.sh", tmp_path)
     assert big["trainer"]["nnodes"] == 4
     async_run = _resolved("async/m2po_separate_async.sh", tmp_path)
-    assert async_run["trainer"]["v1"]["trainer_mode"] == "separate_async"
+    assert async_run["trainer"]["v1"]["trainer_mode"] == "m2po_separate_async"
     assert async_run["trainer"]["v1"]["sampler"]["max_off_policy_threshold"] * 4 >= 64
 
 

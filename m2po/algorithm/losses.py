@@ -10,6 +10,11 @@ solved from the same second-moment budget. Masked tokens still count in the deno
 (paper footnote 2). The `1 / #valid tokens` is `loss_agg_mode="token-mean"`; the other modes
 of verl's `agg_loss` are supported too.
 
+The "decoupled" variant (AReaL's `m2_threshold`, for asynchronous training with three policies:
+behaviour, proximal, current) bounds the second moment of `log pi_prox - log pi_behav` over all valid
+tokens instead, then applies decoupled PPO: a clip of `pi_theta / pi_prox` times the behaviour weight
+`pi_prox / pi_behav` (`decoupled_m2po_token_losses`).
+
 The functions here return per-token losses plus statistics; `aggregate_token_losses` turns
 them into a scalar for use outside verl. The verl integration aggregates with verl's own
 `agg_loss` instead (it knows the global batch size across micro-batches and ranks).
@@ -36,6 +41,8 @@ __all__ = [
     "TokenLosses",
     "aggregate_token_losses",
     "check_variant",
+    "decoupled_m2po_loss",
+    "decoupled_m2po_token_losses",
     "m2po_loss",
     "m2po_token_losses",
     "no_trust_region_loss",
@@ -48,7 +55,7 @@ __all__ = [
 # gradients finite in float32 whatever the log-probs.
 LOG_RATIO_LIMIT = 20.0
 
-M2PO_VARIANTS = ("mask", "clip")
+M2PO_VARIANTS = ("mask", "clip", "decoupled")
 LOSS_AGG_MODES = (
     "token-mean",
     "token-sum",
@@ -63,7 +70,8 @@ def check_variant(variant: str, key: str = "m2po_variant") -> str:
     if variant not in M2PO_VARIANTS:
         raise ValueError(
             f"{key} must be one of {list(M2PO_VARIANTS)} "
-            f"('mask' = paper Algorithm 1, 'clip' = authors' released code), got {variant!r}"
+            f"('mask' = paper Algorithm 1, 'clip' = authors' released code, 'decoupled' = AReaL's asynchronous "
+            f"variant), got {variant!r}"
         )
     return variant
 
@@ -101,23 +109,22 @@ def validate_policy_inputs(
         TypeError: response_mask is not bool, or log-probs are not floating point.
         ValueError: shapes differ, or a valid token has a NaN/inf log-prob, advantage or weight.
     """
-    _check_structure(log_probs, behaviour_log_probs, advantages, response_mask, importance_weights)
+    named = _named_inputs(log_probs, behaviour_log_probs, advantages, importance_weights)
+    _check_structure(named, response_mask)
     if check_finite:
-        _check_finite(
-            log_probs - behaviour_log_probs, log_probs, behaviour_log_probs, advantages, response_mask, importance_weights
-        )
+        _check_finite(log_probs - behaviour_log_probs, named, response_mask)
 
 
-def _check_structure(log_probs, behaviour_log_probs, advantages, response_mask, importance_weights) -> None:
-    named = {
-        "log_probs": log_probs,
-        "behaviour_log_probs": behaviour_log_probs,
-        "advantages": advantages,
-        "response_mask": response_mask,
-    }
+def _named_inputs(log_probs, behaviour_log_probs, advantages, importance_weights=None) -> dict[str, torch.Tensor]:
+    named = {"log_probs": log_probs, "behaviour_log_probs": behaviour_log_probs, "advantages": advantages}
     if importance_weights is not None:
         named["importance_weights"] = importance_weights
-    shapes = {name: tuple(t.shape) for name, t in named.items()}
+    return named
+
+
+def _check_structure(named: dict[str, torch.Tensor], response_mask: torch.Tensor) -> None:
+    """`named`: the float inputs by name, log-probs first (see `_named_inputs`)."""
+    shapes = {name: tuple(t.shape) for name, t in {**named, "response_mask": response_mask}.items()}
     if len(set(shapes.values())) != 1:
         raise ValueError(f"policy-loss inputs must share one (batch, response_len) shape, got {shapes}")
     if response_mask.dtype != torch.bool:
@@ -125,22 +132,20 @@ def _check_structure(log_probs, behaviour_log_probs, advantages, response_mask, 
             f"response_mask must be a bool tensor, got {response_mask.dtype}; pass response_mask.bool() "
             "if it holds 0/1 values"
         )
-    for name in ("log_probs", "behaviour_log_probs", "advantages"):
-        if not named[name].is_floating_point():
-            raise TypeError(f"{name} must be a floating-point tensor, got {named[name].dtype}")
+    for name, tensor in named.items():
+        if not tensor.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got {tensor.dtype}")
 
 
-def _check_finite(raw_log_ratio, log_probs, behaviour_log_probs, advantages, response_mask, importance_weights):
+def _check_finite(raw_log_ratio: torch.Tensor, named: dict[str, torch.Tensor], response_mask: torch.Tensor) -> None:
+    """`raw_log_ratio` is the difference of the first two (log-prob) entries of `named`."""
     # One cheap probe: a sum over the valid tokens is finite iff its terms are (short of an
     # overflow). The per-tensor count runs only when it trips, so an overflow raises nothing.
-    probe = raw_log_ratio + advantages
-    if importance_weights is not None:
-        probe = probe + importance_weights
+    probe = raw_log_ratio
+    for tensor in list(named.values())[2:]:
+        probe = probe + tensor
     if math.isfinite(torch.where(response_mask, probe, 0.0).sum().item()):
         return
-    named = {"log_probs": log_probs, "behaviour_log_probs": behaviour_log_probs, "advantages": advantages}
-    if importance_weights is not None:
-        named["importance_weights"] = importance_weights
     counts = {name: int((response_mask & ~torch.isfinite(t)).sum()) for name, t in named.items()}
     counts = {name: c for name, c in counts.items() if c}
     if counts:
@@ -153,10 +158,11 @@ def _check_finite(raw_log_ratio, log_probs, behaviour_log_probs, advantages, res
 def _prepare(log_probs, behaviour_log_probs, advantages, response_mask, importance_weights, check_finite):
     """Validated `(ratio, log_ratio, second_moment, trust_region)`; `log_ratio` is clamped and
     0 on padding, so `second_moment` is too."""
-    _check_structure(log_probs, behaviour_log_probs, advantages, response_mask, importance_weights)
+    named = _named_inputs(log_probs, behaviour_log_probs, advantages, importance_weights)
+    _check_structure(named, response_mask)
     raw_log_ratio = log_probs - behaviour_log_probs
     if check_finite:
-        _check_finite(raw_log_ratio, log_probs, behaviour_log_probs, advantages, response_mask, importance_weights)
+        _check_finite(raw_log_ratio, named, response_mask)
     log_ratio = torch.where(response_mask, raw_log_ratio, 0.0).clamp(-LOG_RATIO_LIMIT, LOG_RATIO_LIMIT)
     trust_region = trust_region_mask(log_ratio, advantages, response_mask)
     return log_ratio.exp(), log_ratio, log_ratio.detach().square(), trust_region
@@ -245,6 +251,10 @@ def m2po_token_losses(
     """
     tau = check_m2_threshold(m2_threshold)
     check_variant(variant)
+    if variant == "decoupled":
+        raise ValueError(
+            "m2po_variant='decoupled' needs the proximal policy's log-probs as well: use decoupled_m2po_token_losses"
+        )
     ratio, log_ratio, second_moment, trust_region = _prepare(
         log_probs, behaviour_log_probs, advantages, response_mask, importance_weights, check_finite
     )
@@ -292,6 +302,94 @@ def no_trust_region_token_losses(
     stats = _stats(ratio, log_ratio, second_moment, response_mask, trust_region, keep_mask)
     token_losses = _finish(-advantages * ratio, response_mask, importance_weights)
     return TokenLosses(token_losses=token_losses, keep_mask=keep_mask, stats=stats)
+
+
+def decoupled_m2po_token_losses(
+    log_probs: torch.Tensor,
+    proximal_log_probs: torch.Tensor,
+    proximal_behaviour_log_ratio: torch.Tensor,
+    advantages: torch.Tensor,
+    response_mask: torch.Tensor,
+    m2_threshold: float = 0.04,
+    clip_ratio_low: float = 0.2,
+    clip_ratio_high: float = 0.2,
+    clip_ratio_c: float | None = None,
+    check_finite: bool = True,
+) -> TokenLosses:
+    """AReaL's decoupled M2PO: mask on the staleness ratio, then decoupled PPO against the proximal policy.
+
+    With `d = log pi_prox - log pi_behav` (how far the data's behaviour policy lies from a recent
+    snapshot of the trainer, independent of the weights being trained), the mask of Algorithm 1 is
+    computed over every valid token (not only a trust region): drop the largest `d**2` until their
+    mean is `<= tau`. Each kept token then contributes the decoupled PPO loss
+    `w * max(-A r, -A clip(r, 1 - eps_low, 1 + eps_high))` with `r = pi_theta / pi_prox` and the
+    behaviour weight `w = exp(d)`; with `clip_ratio_c`, the dual clip bounds the loss of tokens with
+    `A < 0` at `-A * c` (as verl's vanilla loss). Masked tokens contribute 0 and still count in the
+    token-mean denominator.
+
+    Two details differ from AReaL's code, by choice: the stopping rule is the paper's `mean <= tau`
+    (AReaL stops at `< tau`, which differs only when a mean equals tau exactly), and when even the
+    smallest `d**2` exceeds tau every token is masked (AReaL keeps one).
+
+    Args:
+        log_probs: `(batch, response_len)` log pi_theta (requires grad).
+        proximal_log_probs: `(batch, response_len)` log pi_prox (verl's recomputed `old_log_prob` in
+            decoupled mode).
+        proximal_behaviour_log_ratio: `(batch, response_len)` `log pi_prox - log pi_behav` (in verl, the
+            log of token-level, untruncated `rollout_is_weights`).
+        advantages: `(batch, response_len)`.
+        response_mask: `(batch, response_len)` bool.
+        m2_threshold: tau (AReaL's `m2_threshold`, 0.04 in its M2PO recipe).
+        clip_ratio_low, clip_ratio_high: PPO clip range of `pi_theta / pi_prox`.
+        clip_ratio_c: dual-clip bound (> 1) for `A < 0`, or None.
+        check_finite: reject NaN/inf on valid tokens (one host sync).
+
+    Returns:
+        TokenLosses; `keep_mask` is False on masked and on clipped tokens (no gradient); stats as for
+        the other variants with the candidates being every valid token and M2 that of `d`, plus
+        `clip_fraction` (kept tokens the PPO clip removed) and `behaviour_ratio_mean`/`_max` (`w`).
+    """
+    tau = check_m2_threshold(m2_threshold)
+    named = {
+        "log_probs": log_probs,
+        "proximal_log_probs": proximal_log_probs,
+        "advantages": advantages,
+        "proximal_behaviour_log_ratio": proximal_behaviour_log_ratio,
+    }
+    _check_structure(named, response_mask)
+    raw_log_ratio = log_probs - proximal_log_probs
+    if check_finite:
+        _check_finite(raw_log_ratio, named, response_mask)
+    staleness_log_ratio = torch.where(response_mask, proximal_behaviour_log_ratio.detach(), 0.0)
+    staleness_log_ratio = staleness_log_ratio.clamp(-LOG_RATIO_LIMIT, LOG_RATIO_LIMIT)
+    second_moment = staleness_log_ratio.square()
+    m2_keep = second_moment_keep_mask(staleness_log_ratio, response_mask, tau)
+
+    log_ratio = torch.where(response_mask, raw_log_ratio, 0.0).clamp(-LOG_RATIO_LIMIT, LOG_RATIO_LIMIT)
+    ratio = log_ratio.exp()
+    unclipped = -advantages * ratio
+    clipped = -advantages * ratio.clamp(1 - clip_ratio_low, 1 + clip_ratio_high)
+    surrogate = torch.maximum(unclipped, clipped)
+    without_gradient = clipped > unclipped  # the clipped term is a constant there
+    if clip_ratio_c is not None:
+        if not clip_ratio_c > 1:
+            raise ValueError(f"clip_ratio_c must be > 1 (dual-clip PPO), got {clip_ratio_c!r}")
+        dual = -advantages * clip_ratio_c
+        dual_binds = (advantages < 0) & (surrogate > dual)
+        surrogate = torch.where(dual_binds, dual, surrogate)
+        without_gradient = without_gradient | dual_binds
+
+    behaviour_weight = staleness_log_ratio.exp()
+    token_losses = _finish(surrogate, m2_keep & response_mask, behaviour_weight)
+    stats = _stats(ratio, log_ratio, second_moment, response_mask, response_mask, m2_keep)
+    valid = response_mask.sum().to(torch.float64).clamp(min=1)
+    clipped_kept = response_mask & m2_keep & without_gradient
+    stats["clip_fraction"] = clipped_kept.sum().to(torch.float64) / valid
+    stats["behaviour_ratio_mean"] = torch.where(response_mask, behaviour_weight, 0.0).sum(dtype=torch.float64) / valid
+    stats["behaviour_ratio_max"] = (
+        torch.where(response_mask, behaviour_weight, 0.0).amax() if behaviour_weight.numel() else valid.new_zeros(())
+    )
+    return TokenLosses(token_losses=token_losses, keep_mask=m2_keep & ~clipped_kept, stats=stats)
 
 
 def aggregate_token_losses(
@@ -347,6 +445,33 @@ def no_trust_region_loss(
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Scalar no-trust-region loss and its statistics (see `no_trust_region_token_losses`)."""
     out = no_trust_region_token_losses(log_probs, behaviour_log_probs, advantages, response_mask, importance_weights)
+    return aggregate_token_losses(out.token_losses, response_mask, loss_agg_mode), out.stats
+
+
+def decoupled_m2po_loss(
+    log_probs: torch.Tensor,
+    proximal_log_probs: torch.Tensor,
+    proximal_behaviour_log_ratio: torch.Tensor,
+    advantages: torch.Tensor,
+    response_mask: torch.Tensor,
+    m2_threshold: float = 0.04,
+    clip_ratio_low: float = 0.2,
+    clip_ratio_high: float = 0.2,
+    clip_ratio_c: float | None = None,
+    loss_agg_mode: str = "token-mean",
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Scalar decoupled M2PO loss and its statistics (see `decoupled_m2po_token_losses`)."""
+    out = decoupled_m2po_token_losses(
+        log_probs,
+        proximal_log_probs,
+        proximal_behaviour_log_ratio,
+        advantages,
+        response_mask,
+        m2_threshold,
+        clip_ratio_low,
+        clip_ratio_high,
+        clip_ratio_c,
+    )
     return aggregate_token_losses(out.token_losses, response_mask, loss_agg_mode), out.stats
 
 

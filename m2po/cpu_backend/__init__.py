@@ -14,6 +14,8 @@ What activation does, in every process that imports verl (driver, TaskRunner, wo
 - registers verl's own FSDP engines for device "cpu" (public `EngineRegistry.register`);
 - registers the `hf` rollout: a batched HF-transformers sampling server behind verl's
   `RolloutReplica` / `BaseRollout` interfaces (`m2po.cpu_backend.rollout`);
+- registers the `m2po_cpu` checkpoint engine (public `CheckpointEngineRegistry`), which syncs weights
+  to standalone rollout replicas through Ray's object store (verl's `separate_async` trainer);
 - applies the patches of verl private details listed in `m2po.cpu_backend.patches.PATCHES`, each
   pinned to verl `SUPPORTED_VERL_VERSION`.
 """
@@ -57,11 +59,13 @@ def activate() -> None:
     register_platform()
     check_verl_version()
 
+    from m2po.cpu_backend.checkpoint_engine import register_checkpoint_engine
     from m2po.cpu_backend.patches import apply_patches
     from m2po.cpu_backend.rollout import register_rollout
 
     apply_patches()
     register_rollout()
+    register_checkpoint_engine()
     _activated = True
 
 

@@ -9,8 +9,19 @@ from __future__ import annotations
 
 from omegaconf import OmegaConf
 
-SUPPORTED_TRAINER_MODES = ("sync", "m2po_stale")
 SUPPORTED_STRATEGIES = ("fsdp2",)
+
+
+def _trainer_modes() -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(supported, separate-async) trainer modes. Imported on use: this module is loaded while
+    `import verl` loads its plugins, when the verl integration package cannot be imported yet."""
+    from m2po.verl_integration.trainer_modes import ASYNC_MODES, SEPARATE_ASYNC_MODES, SYNC_MODES
+
+    return (*SYNC_MODES, *ASYNC_MODES), SEPARATE_ASYNC_MODES
+
+
+def _trainer_mode(config) -> str:
+    return _get(config, "trainer.v1.trainer_mode", "sync") if _get(config, "trainer.use_v1", True) else "v0"
 
 
 def _get(config, key: str, default=None):
@@ -52,15 +63,21 @@ def cpu_config_errors(config) -> list[str]:
         errors.append(
             "actor_rollout_ref.model.lora_rank > 0: LoRA weight sync to the rollout is not supported on CPU; use 0"
         )
-    if _get(config, "trainer.use_v1", True):
-        mode = _get(config, "trainer.v1.trainer_mode", "sync")
-        if mode not in SUPPORTED_TRAINER_MODES:
-            errors.append(
-                f"trainer.v1.trainer_mode={mode!r}: asynchronous trainers are not supported on CPU; "
-                f"supported: {', '.join(SUPPORTED_TRAINER_MODES)} (or trainer.use_v1=false, verl's v0 trainer)"
-            )
-    if not _get(config, "actor_rollout_ref.hybrid_engine", True):
-        errors.append("actor_rollout_ref.hybrid_engine=false (standalone rollout) is not supported on CPU")
+    supported_modes, separate_async_modes = _trainer_modes()
+    mode = _trainer_mode(config)
+    if mode not in (*supported_modes, "v0"):
+        errors.append(
+            f"trainer.v1.trainer_mode={mode!r} is not supported on CPU; supported: "
+            f"{', '.join(supported_modes)} (or trainer.use_v1=false, verl's v0 trainer)"
+        )
+    hybrid = _get(config, "actor_rollout_ref.hybrid_engine", True)
+    if mode in separate_async_modes:
+        errors += _standalone_rollout_errors(config, mode, hybrid)
+    elif not hybrid:
+        errors.append(
+            f"actor_rollout_ref.hybrid_engine=false (standalone rollout) needs trainer.v1.trainer_mode in "
+            f"{list(separate_async_modes)} on CPU, got {mode!r}"
+        )
     for key in ("actor_rollout_ref.actor.strategy", "actor_rollout_ref.ref.strategy", "critic.strategy"):
         strategy = _get(config, key)
         if strategy is not None and strategy not in SUPPORTED_STRATEGIES:
@@ -73,29 +90,67 @@ def cpu_config_errors(config) -> list[str]:
     return errors
 
 
-# verl reserves this many Ray CPUs per training worker (ResourcePoolManager's max_colocate_count).
+def _standalone_rollout_errors(config, mode: str, hybrid: bool) -> list[str]:
+    """verl's separate_async on CPU: the rollout is served by standalone `hf` replicas only, synced
+    through the object-store checkpoint engine."""
+    from m2po.cpu_backend.checkpoint_engine import BACKEND
+
+    errors = []
+    if hybrid:
+        errors.append(
+            f"actor_rollout_ref.hybrid_engine=true with trainer.v1.trainer_mode={mode}: on CPU the standalone "
+            "replicas serve every rollout; set actor_rollout_ref.hybrid_engine=false"
+        )
+    backend_key = "actor_rollout_ref.rollout.checkpoint_engine.backend"
+    backend = _get(config, backend_key, "naive")
+    if backend != BACKEND:
+        errors.append(
+            f"{backend_key}={backend!r}: NCCL, NIXL and the other GPU engines do not run on CPU; the CPU backend "
+            f"syncs standalone replicas with {BACKEND!r}"
+        )
+    if _get(config, "actor_rollout_ref.rollout.n_gpus_per_node", 0) < 1:
+        errors.append(
+            "actor_rollout_ref.rollout.n_gpus_per_node must be >= 1 with a standalone rollout "
+            "(one `hf` replica per logical slot)"
+        )
+    return errors
+
+
+# verl reserves this many Ray CPUs per training worker (ResourcePoolManager's max_colocate_count), and
+# this many per standalone rollout slot (RolloutReplica.init_standalone).
 CPUS_PER_TRAINING_WORKER = 3
+CPUS_PER_STANDALONE_ROLLOUT_SLOT = 2
+
+
+def standalone_rollout_slots(config) -> int:
+    """Logical "GPU" slots of verl's standalone rollout pool (0 unless a separate_async trainer)."""
+    if _trainer_mode(config) not in _trainer_modes()[1]:
+        return 0
+    return _get(config, "actor_rollout_ref.rollout.nnodes", 1) * _get(config, "actor_rollout_ref.rollout.n_gpus_per_node", 1)
 
 
 def _ray_capacity_errors(config) -> list[str]:
     """Ray waits forever for resources it will never have (verl's placement groups have no
     timeout), so a cluster too small for the run is refused here, naming what is missing."""
     workers = _get(config, "trainer.n_gpus_per_node", 1)  # one node (checked above)
+    rollout_slots = standalone_rollout_slots(config)
     slots = _get(config, "ray_kwargs.ray_init.num_gpus")
     errors = []
-    if slots is not None and slots < workers:
+    if slots is not None and slots < workers + rollout_slots:
         errors.append(
             f"ray_kwargs.ray_init.num_gpus={slots} logical slots for {workers} training workers "
-            f"(trainer.n_gpus_per_node): Ray would wait for them forever"
+            f"(trainer.n_gpus_per_node) and {rollout_slots} standalone rollout slots: Ray would wait for them forever"
         )
     cpus = _get(config, "ray_kwargs.ray_init.num_cpus")
     storage_units = _get(config, "transfer_queue.backend.SimpleStorage.num_data_storage_units", 1)
-    # training workers' placement groups + TransferQueue's controller and storage units + the TaskRunner
-    needed = CPUS_PER_TRAINING_WORKER * workers + 1 + storage_units + 1
+    # placement groups + TransferQueue's controller and storage units + the TaskRunner
+    needed = CPUS_PER_TRAINING_WORKER * workers + CPUS_PER_STANDALONE_ROLLOUT_SLOT * rollout_slots
+    needed += 1 + storage_units + 1
     if cpus is not None and cpus < needed:
         errors.append(
             f"ray_kwargs.ray_init.num_cpus={cpus} is too few logical CPUs for Ray to place this run "
-            f"(needs at least {needed}: {CPUS_PER_TRAINING_WORKER} per training worker, TransferQueue's controller "
+            f"(needs at least {needed}: {CPUS_PER_TRAINING_WORKER} per training worker, "
+            f"{CPUS_PER_STANDALONE_ROLLOUT_SLOT} per standalone rollout slot, TransferQueue's controller "
             f"and {storage_units} storage unit(s), the TaskRunner); logical CPUs may exceed physical cores"
         )
     return errors
@@ -112,6 +167,12 @@ def _device_resolver(*, _root_):
     return "cpu"
 
 
+def _slots_resolver(*, _root_):
+    """Logical "GPU" slots the overlay declares to Ray: the training workers plus, for verl's
+    separate_async trainer, the standalone rollout pool."""
+    return _get(_root_, "trainer.n_gpus_per_node", 1) + standalone_rollout_slots(_root_)
+
+
 def _tiny_resolver(name: str):
     from m2po.cpu_backend.tiny import artifact_path
 
@@ -122,5 +183,7 @@ def register_resolvers() -> None:
     """Idempotent; cheap (nothing is imported or built until a resolver is used)."""
     if not OmegaConf.has_resolver("m2po_cpu_device"):
         OmegaConf.register_new_resolver("m2po_cpu_device", _device_resolver)
+    if not OmegaConf.has_resolver("m2po_cpu_slots"):
+        OmegaConf.register_new_resolver("m2po_cpu_slots", _slots_resolver)
     if not OmegaConf.has_resolver("m2po_cpu_tiny"):
         OmegaConf.register_new_resolver("m2po_cpu_tiny", _tiny_resolver)

@@ -31,6 +31,12 @@ PATCHES = (
         "verl.workers.rollout.base._ROLLOUT_REGISTRY",
         "the BaseRollout registry is a private dict; the 'hf' rollout adds its adapter there (rollout/base.py:89).",
     ),
+    (
+        "verl.utils.fsdp_utils.fsdp2_sharded_save_to_cpu",
+        "the decoupled-PPO snapshot of separate_async (DetachActorWorker.save_model_to_cpu) copies each shard with "
+        "`.cpu()`, which on CPU returns the live parameter itself: the 'frozen' proximal policy moved with every "
+        "update (measured: pi_theta / pi_prox == 1 at every update); the CPU shards are cloned (fsdp_utils.py:1167,1180).",
+    ),
 )
 
 
@@ -110,6 +116,23 @@ def _patch_valuehead_loader() -> None:
     model_utils.load_valuehead_model = load_valuehead_model
 
 
+def _patch_sharded_snapshot() -> None:
+    from verl.utils import fsdp_utils
+
+    original = fsdp_utils.fsdp2_sharded_save_to_cpu
+    if getattr(original, "_m2po_cpu_patch", False):
+        return
+
+    @functools.wraps(original)
+    def fsdp2_sharded_save_to_cpu(model):
+        state, spec = original(model)
+        # a copy of each shard, not the parameter it aliases on CPU
+        return {name: (tensor.clone(), shard_spec) for name, (tensor, shard_spec) in state.items()}, spec
+
+    fsdp2_sharded_save_to_cpu._m2po_cpu_patch = True
+    fsdp_utils.fsdp2_sharded_save_to_cpu = fsdp2_sharded_save_to_cpu
+
+
 def _register_engines() -> None:
     """verl's own FSDP engines, registered for device "cpu" through the public registry."""
     from verl.workers.engine.base import EngineRegistry
@@ -125,4 +148,5 @@ def apply_patches() -> None:
     _patch_init_process_group()
     _patch_offload_policy()
     _patch_valuehead_loader()
+    _patch_sharded_snapshot()
     _register_engines()

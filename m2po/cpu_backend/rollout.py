@@ -13,6 +13,13 @@ from its own generator, seeded by (rollout seed, training step of the weights, p
 many identical prompts were already sampled at that step). The training step is the one verl passes
 with each weight update, so a run resumed from a checkpoint generates the same samples as an
 uninterrupted run (tested end to end), although its server has seen fewer weight syncs.
+
+Partial rollout, as verl's asynchronous trainers use it (vLLM's semantics): `abort_all_requests` stops
+the running batch at the next token and answers every request with the tokens generated so far and
+`stop_reason="aborted"` (verl's client resubmits prompt + partial response later); requests that
+arrive while generation is paused wait until `resume_generation`. Weights therefore never change in
+the middle of a request's segment, and each answer carries the training step of the weights that
+generated it (`extra_fields["global_steps"]`), from which verl tags every trajectory's versions.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ import hashlib
 import json
 import logging
 import os
+import threading
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -67,12 +75,19 @@ def _filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tens
 
 
 @torch.no_grad()
-def sample_batch(model, requests: list[_Request], eos_token_ids: set[int], pad_token_id: int):
-    """Sample every request in one batched decode. Returns [(token_ids, log_probs)] per request.
+def sample_batch(
+    model,
+    requests: list[_Request],
+    eos_token_ids: set[int],
+    pad_token_id: int,
+    stop: Optional[threading.Event] = None,
+):
+    """Sample every request in one batched decode. Returns [(token_ids, log_probs, aborted)] per request.
 
     Prompts are left-padded; each row stops at its own EOS or `max_tokens`. The log-prob of a
     sampled token is taken from `log_softmax(logits / temperature)` (greedy: temperature 1), the
-    distribution verl's actor recomputes.
+    distribution verl's actor recomputes. When `stop` is set, decoding ends before the next token and
+    the unfinished rows come back with what they have and `aborted=True`.
     """
     from transformers import DynamicCache
 
@@ -88,9 +103,13 @@ def sample_batch(model, requests: list[_Request], eos_token_ids: set[int], pad_t
     outputs: list[list[int]] = [[] for _ in requests]
     log_probs: list[list[float]] = [[] for _ in requests]
     finished = [False] * batch
+    aborted = [False] * batch
     cache = DynamicCache()
     step_ids = input_ids
     for _ in range(max(budgets)):
+        if stop is not None and stop.is_set():
+            aborted = [not done for done in finished]
+            break
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)[:, -step_ids.shape[1] :]
         logits = model(
             input_ids=step_ids,
@@ -122,7 +141,9 @@ def sample_batch(model, requests: list[_Request], eos_token_ids: set[int], pad_t
             break
         step_ids = next_ids[:, None]
         attention_mask = torch.cat([attention_mask, torch.ones((batch, 1), dtype=torch.long)], dim=1)
-    return [(outputs[row], log_probs[row] if requests[row].want_log_probs else None) for row in range(batch)]
+    return [
+        (outputs[row], log_probs[row] if requests[row].want_log_probs else None, aborted[row]) for row in range(batch)
+    ]
 
 
 class HFSamplingServer:
@@ -154,6 +175,13 @@ class HFSamplingServer:
         self._occurrences: dict[tuple, int] = defaultdict(int)
         self._pending: list[_Request] = []
         self._drainer: Optional[asyncio.Task] = None
+        # Partial rollout: the gate is open while generation runs; `abort_all_requests` closes it
+        # and stops the running batch, `resume_generation` opens it again.
+        self._gate = asyncio.Event()
+        self._gate.set()
+        self._reject_while_paused = False
+        self._stop = threading.Event()
+        self._batch_running = False
         # served since the last weight sync, reported with it: shows that requests are batched
         self._served_requests = 0
         self._served_batches = 0
@@ -175,6 +203,12 @@ class HFSamplingServer:
 
         if image_data is not None or video_data is not None or audio_data is not None:
             raise NotImplementedError("the CPU 'hf' rollout serves text-only prompts")
+        if not self._gate.is_set():
+            if self._reject_while_paused:  # leaving the load balancer: verl's client retries elsewhere
+                return TokenOutput(
+                    token_ids=[], log_probs=[], stop_reason="aborted", extra_fields={"global_steps": self.global_steps}
+                )
+            await self._gate.wait()
         if not self.awake:
             raise RuntimeError("the 'hf' rollout server got a generate call while asleep (weights not synced)")
         prompt_ids = [int(t) for t in prompt_ids]
@@ -204,11 +238,11 @@ class HFSamplingServer:
         self._pending.append(request)
         if self._drainer is None or self._drainer.done():
             self._drainer = asyncio.create_task(self._drain())
-        token_ids, log_probs = await request.future
+        token_ids, log_probs, aborted = await request.future
         return TokenOutput(
             token_ids=token_ids,
             log_probs=log_probs,
-            stop_reason="completed",
+            stop_reason="aborted" if aborted else "completed",
             extra_fields={"global_steps": self.global_steps},
         )
 
@@ -217,12 +251,19 @@ class HFSamplingServer:
             await asyncio.sleep(BATCH_WINDOW_S)
             limit = max(1, self.config.max_num_seqs)
             batch, self._pending = self._pending[:limit], self._pending[limit:]
+            if not batch:
+                continue
+            self._batch_running = True
             try:
-                results = await asyncio.to_thread(sample_batch, self.model, batch, self.eos_token_ids, self.pad_token_id)
+                results = await asyncio.to_thread(
+                    sample_batch, self.model, batch, self.eos_token_ids, self.pad_token_id, self._stop
+                )
             except Exception as error:  # every waiting request sees the failure
                 for request in batch:
                     request.future.set_exception(error)
                 continue
+            finally:
+                self._batch_running = False
             self._served_requests += len(batch)
             self._served_batches += 1
             for request, result in zip(batch, results):
@@ -314,10 +355,22 @@ class HFSamplingServer:
             await asyncio.sleep(BATCH_WINDOW_S)
 
     async def abort_all_requests(self, reset_prefix_cache: bool = True, reject_request: bool = False):
+        """Pause generation: answer every request with its partial response (`stop_reason="aborted"`)
+        and hold new ones until `resume_generation` (or turn them away, `reject_request=True`)."""
+        self._gate.clear()
+        self._reject_while_paused = reject_request
+        self._stop.set()
+        pending, self._pending = self._pending, []
+        for request in pending:
+            request.future.set_result(([], [] if request.want_log_probs else None, True))
+        while self._batch_running:  # the running batch stops before its next token
+            await asyncio.sleep(BATCH_WINDOW_S / 4)
+        self._stop.clear()
         return {}
 
     async def resume_generation(self):
-        return None
+        self._reject_while_paused = False
+        self._gate.set()
 
     async def start_profile(self, **kwargs):
         return None
@@ -388,12 +441,17 @@ def _adapter_class():
 
         @torch.no_grad()
         async def update_weights(self, weights, wire_format: str = "named_tensors", global_steps=None, **kwargs):
+            from verl.workers.rollout.utils import ensure_async_iterator
+
             if wire_format != "named_tensors":
                 raise ValueError(f"the CPU 'hf' rollout takes full named tensors, not {wire_format!r}")
             if kwargs.get("peft_config") is not None:
                 raise NotImplementedError("the CPU 'hf' rollout does not sync LoRA adapters (use model.lora.merge=True)")
-            # Every rank iterates: with FSDP the generator gathers full tensors collectively.
-            state_dict = {name: tensor.detach().to("cpu", copy=True) for name, tensor in weights}
+            # Every rank iterates: with FSDP the generator gathers full tensors collectively. A
+            # checkpoint engine (standalone rollout) hands the weights over as an async generator.
+            state_dict = {}
+            async for name, tensor in ensure_async_iterator(weights):
+                state_dict[name] = tensor.detach().to("cpu", copy=True)
             if self.owns_server:
                 await self._server().update_weights.remote(ray.put(state_dict), global_steps)
 

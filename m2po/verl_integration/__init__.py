@@ -1,16 +1,14 @@
-"""verl integration: importing this module registers the `m2po` and `no_trust_region` loss modes
-and, lazily, the stale@k trainer `trainer.v1.trainer_mode=m2po_stale`.
+"""verl integration: importing this module registers the `m2po` and `no_trust_region` loss modes,
+M2PO's start-up checks inside verl's `validate_config`, and, lazily, our trainers
+(`trainer.v1.trainer_mode=m2po_stale`, `m2po_separate_async`, `m2po_colocate_async`).
 
 It is the `verl.plugins` entry point, so `import verl` imports it in every process (the driver
-and each Ray worker) as long as the package is installed there. The trainer is registered by a
+and each Ray worker) as long as the package is installed there. The trainers are registered by a
 post-import hook on `verl.trainer.ppo.v1` (the module verl's `main_ppo` imports to look trainers
-up), so processes that never use verl's v1 trainer do not pay for importing it.
+up), so processes that never use verl's v1 trainer do not pay for importing them.
 """
 
 import wrapt
-
-from m2po import cpu_backend
-from m2po.cpu_backend.config import register_resolvers as register_cpu_resolvers
 
 from m2po.verl_integration.config import M2POPolicyLossConfig
 from m2po.verl_integration.policy_losses import (
@@ -19,20 +17,17 @@ from m2po.verl_integration.policy_losses import (
     compute_policy_loss_no_trust_region,
 )
 from m2po.verl_integration.stale_settings import TRAINER_MODE
+from m2po.verl_integration.startup_checks import install_validate_config_hook
 
 LOSS_MODES = ("m2po", "no_trust_region")
 
-
-# The CPU backend's resolvers are always available (registering them changes nothing); the backend
-# itself is activated only when selected with VERL_PLATFORM=cpu.
-register_cpu_resolvers()
-if cpu_backend.is_selected():
-    cpu_backend.activate()
+install_validate_config_hook()
 
 
 @wrapt.when_imported("verl.trainer.ppo.v1")
-def _register_stale_trainer(_module):
-    import m2po.verl_integration.stale_trainer  # noqa: F401  (registers TRAINER_MODE)
+def _register_trainers(_module):
+    import m2po.verl_integration.async_trainers  # noqa: F401  (m2po_separate_async, m2po_colocate_async)
+    import m2po.verl_integration.stale_trainer  # noqa: F401  (m2po_stale)
 
 
 __all__ = [

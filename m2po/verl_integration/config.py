@@ -24,8 +24,10 @@ class M2POPolicyLossConfig(PolicyLossConfig):
     Args:
         m2_threshold (float): tau, the bound on the mean squared log importance ratio over
             trust-region tokens (paper default 0.04, used in every paper run); inf disables it.
-        m2po_variant (str): "mask" (paper Algorithm 1: drop the largest-(log r)^2 tokens) or
-            "clip" (authors' released code: PPO clip at the |log r| cap that meets tau).
+        m2po_variant (str): "mask" (paper Algorithm 1: drop the largest-(log r)^2 tokens),
+            "clip" (authors' released code: PPO clip at the |log r| cap that meets tau) or
+            "decoupled" (AReaL's variant for verl's asynchronous trainers in decoupled mode: the mask
+            on log(pi_prox / pi_behav), then a PPO clip against pi_prox; see docs/async.md).
     """
 
     m2_threshold: float = 0.04

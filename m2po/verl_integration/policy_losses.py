@@ -15,7 +15,14 @@ from typing import Any
 import torch
 from verl.trainer.ppo.core_algos import agg_loss, register_policy_loss
 
-from m2po.algorithm import TokenLosses, m2po_token_losses, no_trust_region_token_losses, stats_to_floats
+from m2po.algorithm import (
+    TokenLosses,
+    decoupled_m2po_token_losses,
+    m2po_token_losses,
+    no_trust_region_token_losses,
+    stats_to_floats,
+)
+from m2po.verl_integration.behaviour_ratio import CORRECTION_KEY, UNTRUNCATED_IS_THRESHOLD
 from m2po.verl_integration.config import M2POPolicyLossConfig
 
 logger = logging.getLogger(__name__)
@@ -66,10 +73,52 @@ def _to_verl(
     )
     stats = stats_to_floats(out.stats)
     metrics = {METRIC_PREFIX + name: value for name, value in stats.items()}
-    # verl's standard keys, so dashboards compare M2PO with clipped GRPO directly.
+    # verl's standard keys, so dashboards compare M2PO with clipped GRPO directly: the fraction of
+    # tokens whose gradient the trust region removed (masked, or PPO-clipped in the decoupled variant).
     metrics["actor/ppo_kl"] = stats["ppo_kl"]
-    metrics["actor/pg_clipfrac"] = stats["masked_fraction"]
+    metrics["actor/pg_clipfrac"] = stats["masked_fraction"] + stats.get("clip_fraction", 0.0)
     return loss, metrics
+
+
+def _clip_ratios(config: Any) -> tuple[float, float, float]:
+    """PPO clip range and dual-clip bound from the actor config, read as verl's vanilla loss reads them."""
+    clip_ratio = getattr(config, "clip_ratio", 0.2)
+    low = getattr(config, "clip_ratio_low", None)
+    high = getattr(config, "clip_ratio_high", None)
+    return (
+        clip_ratio if low is None else low,
+        clip_ratio if high is None else high,
+        getattr(config, "clip_ratio_c", 3.0),
+    )
+
+
+def _decoupled_token_losses(old_log_prob, log_prob, advantages, response_mask, rollout_is_weights, threshold, config):
+    """AReaL's decoupled M2PO in verl's decoupled mode: `old_log_prob` is the proximal policy's, and
+    `rollout_is_weights` (token level, untruncated) are `pi_prox / pi_behav`."""
+    if rollout_is_weights is None:
+        raise ValueError(
+            f"m2po_variant=decoupled reads log(pi_prox / pi_behav) from verl's rollout_is_weights, which this "
+            f"micro-batch does not carry: in an asynchronous trainer set {CORRECTION_KEY}.rollout_is=token, "
+            f"{CORRECTION_KEY}.rollout_is_threshold={UNTRUNCATED_IS_THRESHOLD:g} and bypass_mode=false"
+        )
+    if (response_mask & ~(rollout_is_weights > 0)).any():
+        raise ValueError(
+            "m2po_variant=decoupled got rollout_is_weights <= 0 (or NaN) on valid tokens: the weights must be "
+            f"pi_prox / pi_behav untruncated (no IcePop band, {CORRECTION_KEY}.rollout_is_threshold="
+            f"{UNTRUNCATED_IS_THRESHOLD:g})"
+        )
+    low, high, dual = _clip_ratios(config)
+    return decoupled_m2po_token_losses(
+        log_probs=log_prob,
+        proximal_log_probs=old_log_prob,
+        proximal_behaviour_log_ratio=torch.where(response_mask, rollout_is_weights, 1.0).log(),
+        advantages=advantages,
+        response_mask=response_mask,
+        m2_threshold=threshold,
+        clip_ratio_low=low,
+        clip_ratio_high=high,
+        clip_ratio_c=dual,
+    )
 
 
 @register_policy_loss("m2po")
@@ -86,18 +135,25 @@ def compute_policy_loss_m2po(
 
     Args:
         old_log_prob: `(micro_batch, response_len)` behaviour log-probs (the policy that
-            generated the rollout, however stale).
+            generated the rollout, however stale); for `m2po_variant=decoupled`, the proximal
+            policy's (verl's decoupled mode).
         log_prob: `(micro_batch, response_len)` current policy log-probs.
         advantages: `(micro_batch, response_len)`.
         response_mask: `(micro_batch, response_len)` bool.
         loss_agg_mode: verl's aggregation mode (paper: "token-mean").
         config: the actor config; `config.policy_loss` an `M2POPolicyLossConfig`.
-        rollout_is_weights: optional rollout-correction weights, multiplied into the token loss.
+        rollout_is_weights: optional rollout-correction weights, multiplied into the token loss; for
+            `m2po_variant=decoupled`, required: `pi_prox / pi_behav` per token, untruncated.
 
     Returns:
         (scalar loss, metrics with `actor/m2po/*`, `actor/ppo_kl`, `actor/pg_clipfrac`).
     """
     threshold, variant = _m2po_params(config)
+    if variant == "decoupled":
+        out = _decoupled_token_losses(
+            old_log_prob, log_prob, advantages, response_mask, rollout_is_weights, threshold, config
+        )
+        return _to_verl(out, response_mask, loss_agg_mode, config)
     out = m2po_token_losses(
         **_algorithm_arguments(old_log_prob, log_prob, advantages, response_mask, rollout_is_weights),
         m2_threshold=threshold,

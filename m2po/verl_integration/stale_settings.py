@@ -12,8 +12,7 @@ from dataclasses import dataclass
 from omegaconf import DictConfig, OmegaConf
 
 from m2po.buffer import StalenessConfig
-
-TRAINER_MODE = "m2po_stale"
+from m2po.verl_integration.trainer_modes import STALE_TRAINER_MODE as TRAINER_MODE
 BEHAVIOUR_LOG_PROBS = ("actor", "rollout")
 SECTION = "m2po.stale"
 

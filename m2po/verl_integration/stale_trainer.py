@@ -18,8 +18,6 @@ hash) for auditing runs and resumes.
 from __future__ import annotations
 
 import glob
-import hashlib
-import json
 import logging
 import os
 import shutil
@@ -35,6 +33,14 @@ from verl.utils.checkpoint.checkpoint_manager import find_latest_ckpt_path
 from verl.utils.tensordict_utils import list_of_dict_to_tensordict
 
 from m2po.buffer import CorruptCheckpointError, PolicyVersion, ReadyBatch, StaleRolloutBuffer
+from m2po.verl_integration.ledger import (
+    LEDGER_FILE,
+    append_ledger_record,
+    read_ledger,
+    samples_hash,
+    staleness_metrics,
+    staleness_summary,
+)
 from m2po.verl_integration.stale_settings import TRAINER_MODE, stale_settings_from_config
 from m2po.verl_integration.tq_codec import decode_batch, encode_batch
 
@@ -42,7 +48,7 @@ logger = logging.getLogger(__name__)
 logger.setLevel(os.getenv("VERL_LOGGING_LEVEL", "INFO"))
 
 BUFFER_DIR = "m2po_stale_buffer"
-LEDGER_FILE = "m2po_stale_ledger.jsonl"
+__all__ = ["BUFFER_DIR", "LEDGER_FILE", "StaleSyncTrainer", "append_ledger_record", "read_ledger", "samples_hash"]
 
 
 @register_trainer(TRAINER_MODE)
@@ -80,6 +86,7 @@ class StaleSyncTrainer(PPOTrainerSync):
         batch = self._record_behaviour_log_probs(batch, metrics)
         if not self.stale.enabled:
             metrics.update({"stale/staleness_updates": 0.0, "stale/target_staleness_updates": 0.0})
+            metrics.update(staleness_metrics(staleness_summary([0.0])))
             return batch
         current = self._current_version()
         fresh = self._stash(batch, current)
@@ -91,6 +98,7 @@ class StaleSyncTrainer(PPOTrainerSync):
                 f"the warm-up did not run (was the buffer checkpoint removed?)"
             )
         metrics.update(self.stale_buffer.metrics())
+        metrics.update(staleness_metrics(staleness_summary([ready.staleness_updates])))
         keys, tags, samples = decode_batch(ready.batch)
         self._append_ledger(ready, samples)
         return self._unstash(keys, tags, samples, extra_info=batch.extra_info, metrics=metrics)
@@ -188,10 +196,12 @@ class StaleSyncTrainer(PPOTrainerSync):
             "global_step": self.global_steps,
             "generated_at": ready.version.to_json(),
             "staleness_updates": ready.staleness_updates,
+            **staleness_summary([ready.staleness_updates]),
             "content_hash": ready.content_hash,
             "samples_hash": samples_hash(samples),
         }
         append_ledger_record(os.path.join(self.config.trainer.default_local_dir, LEDGER_FILE), record)
+
 
 def fresh_score_mean(data, tags: list[dict]) -> float:
     """Mean sequence reward of the batch the current policy just generated (the trained batch's
@@ -200,52 +210,3 @@ def fresh_score_mean(data, tags: list[dict]) -> float:
         return float("nan")
     scores = [s.sum().item() for s, tag in zip(data["rm_scores"].unbind(), tags, strict=True) if not tag.get("is_padding")]
     return sum(scores) / len(scores) if scores else float("nan")
-
-
-SAMPLE_HASH_FIELDS = ("input_ids", "response_mask", "rm_scores")
-
-
-def samples_hash(samples: list[dict]) -> str:
-    """Hash of what was trained: the set of samples, each its tokens, response mask and reward.
-
-    Unlike `content_hash` (every stored field, in storage order, for integrity), it leaves out
-    verl's per-run bookkeeping (prompt-group uuids, timings, request ids) and the row order, which
-    in verl's v1 trainer is the order in which rollouts finished. Two runs that trained the same
-    samples at a step have the same `samples_hash` there."""
-    per_sample = []
-    for sample in samples:
-        digest = hashlib.sha256()
-        for field in SAMPLE_HASH_FIELDS:
-            value = sample.get(field)
-            if isinstance(value, torch.Tensor):
-                digest.update(field.encode())
-                digest.update(value.detach().to("cpu", torch.float64).contiguous().numpy().tobytes())
-        per_sample.append(digest.hexdigest())
-    return hashlib.sha256("\n".join(sorted(per_sample)).encode()).hexdigest()
-
-
-def append_ledger_record(path: str, record: dict) -> None:
-    """Append one JSON line. A line cut by a crash (no trailing newline) is closed first, so the
-    new record never merges into it."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    line = json.dumps(record).encode() + b"\n"
-    with open(path, "ab+") as f:  # appends go to the end whatever the read position
-        if f.seek(0, os.SEEK_END) > 0:
-            f.seek(-1, os.SEEK_END)
-            if f.read(1) != b"\n":
-                line = b"\n" + line
-        f.write(line)
-
-
-def read_ledger(path: str) -> dict[int, dict]:
-    """The ledger as {global_step: record}; a step re-run after a resume keeps its last record,
-    and a line cut by a crash is skipped."""
-    records: dict[int, dict] = {}
-    with open(path) as f:
-        for line in f:
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # blank, or cut by a crash mid-write
-            records[record["global_step"]] = record
-    return records

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Qwen2.5-Math-7B, 8xH100 trainer + 8xH100 rollout | GRPO (clip 0.2) | verl's separate_async trainer, up to 64 versions (256 updates) stale
+# Qwen2.5-Math-7B, one 8xH100 node: 4 train + 4 rollout (+async_layout=two_nodes: 8 + 8) | GRPO (clip 0.2 against the behaviour policy) | verl's separate_async, up to 64 versions (256 updates) stale
 # usage: bash $0 [--dry-run] [--cpu-smoke] [hydra overrides]    (see train-scripts/launch.sh)
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/../launch.sh"
