@@ -64,10 +64,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def summary(resolved: dict) -> str:
     """One line: run name, loss, staleness, trainer mode, GPU layout."""
-    from m2po.verl_integration.trainer_modes import SEPARATE_ASYNC_MODES
+    from m2po.verl_integration.trainer_modes import SEPARATE_ASYNC_MODES, trainer_mode
 
     trainer, rollout = resolved["trainer"], resolved["actor_rollout_ref"]["rollout"]
-    mode = trainer["v1"]["trainer_mode"]
+    mode = trainer_mode(OmegaConf.create(resolved))
     layout = f"{trainer['nnodes']}x{trainer['n_gpus_per_node']} GPUs"
     if mode in SEPARATE_ASYNC_MODES:
         layout += f" train + {rollout['nnodes']}x{rollout['n_gpus_per_node']} GPUs rollout"

@@ -12,16 +12,12 @@ from omegaconf import OmegaConf
 SUPPORTED_STRATEGIES = ("fsdp2",)
 
 
-def _trainer_modes() -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """(supported, separate-async) trainer modes. Imported on use: this module is loaded while
-    `import verl` loads its plugins, when the verl integration package cannot be imported yet."""
-    from m2po.verl_integration.trainer_modes import ASYNC_MODES, SEPARATE_ASYNC_MODES, SYNC_MODES
+def _trainer_modes(config) -> tuple[str, tuple[str, ...], tuple[str, ...]]:
+    """(configured mode, modes supported on CPU, separate-async modes). Imported on use: this module
+    is loaded while `import verl` loads its plugins, when the verl integration cannot be imported yet."""
+    from m2po.verl_integration.trainer_modes import ASYNC_MODES, SEPARATE_ASYNC_MODES, SYNC_MODES, trainer_mode
 
-    return (*SYNC_MODES, *ASYNC_MODES), SEPARATE_ASYNC_MODES
-
-
-def _trainer_mode(config) -> str:
-    return _get(config, "trainer.v1.trainer_mode", "sync") if _get(config, "trainer.use_v1", True) else "v0"
+    return trainer_mode(config), (*SYNC_MODES, *ASYNC_MODES, "v0"), SEPARATE_ASYNC_MODES
 
 
 def _get(config, key: str, default=None):
@@ -63,12 +59,11 @@ def cpu_config_errors(config) -> list[str]:
         errors.append(
             "actor_rollout_ref.model.lora_rank > 0: LoRA weight sync to the rollout is not supported on CPU; use 0"
         )
-    supported_modes, separate_async_modes = _trainer_modes()
-    mode = _trainer_mode(config)
-    if mode not in (*supported_modes, "v0"):
+    mode, supported_modes, separate_async_modes = _trainer_modes(config)
+    if mode not in supported_modes:
         errors.append(
             f"trainer.v1.trainer_mode={mode!r} is not supported on CPU; supported: "
-            f"{', '.join(supported_modes)} (or trainer.use_v1=false, verl's v0 trainer)"
+            f"{', '.join(supported_modes[:-1])} (or trainer.use_v1=false, verl's v0 trainer)"
         )
     hybrid = _get(config, "actor_rollout_ref.hybrid_engine", True)
     if mode in separate_async_modes:
@@ -124,7 +119,8 @@ CPUS_PER_STANDALONE_ROLLOUT_SLOT = 2
 
 def standalone_rollout_slots(config) -> int:
     """Logical "GPU" slots of verl's standalone rollout pool (0 unless a separate_async trainer)."""
-    if _trainer_mode(config) not in _trainer_modes()[1]:
+    mode, _, separate_async_modes = _trainer_modes(config)
+    if mode not in separate_async_modes:
         return 0
     return _get(config, "actor_rollout_ref.rollout.nnodes", 1) * _get(config, "actor_rollout_ref.rollout.n_gpus_per_node", 1)
 

@@ -22,8 +22,7 @@ SMOKE_PROMPTS = 4  # at least this many prompts per step
 
 def smoke_overrides(config) -> list[str]:
     from m2po.cpu_backend.checkpoint_engine import BACKEND
-    from m2po.verl_integration.behaviour_ratio import trainer_mode
-    from m2po.verl_integration.trainer_modes import SEPARATE_ASYNC_MODES
+    from m2po.verl_integration.trainer_modes import SEPARATE_ASYNC_MODES, trainer_mode
 
     data, actor = config.data, config.actor_rollout_ref.actor
     mini_batches_per_epoch = data.train_batch_size // actor.ppo_mini_batch_size

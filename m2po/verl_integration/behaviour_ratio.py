@@ -23,7 +23,7 @@ import math
 
 from omegaconf import DictConfig, OmegaConf
 
-from m2po.verl_integration.trainer_modes import ASYNC_MODES
+from m2po.verl_integration.trainer_modes import ASYNC_MODES, trainer_mode
 
 LOSS_KEY = "actor_rollout_ref.actor.policy_loss"
 CORRECTION_KEY = "algorithm.rollout_correction"
@@ -46,11 +46,6 @@ DECOUPLED_FIX = (
 def _get(config: DictConfig, key: str, default=None):
     value = OmegaConf.select(config, key, default=default)
     return default if value is None else value
-
-
-def trainer_mode(config: DictConfig) -> str:
-    """verl's v1 trainer mode, or "v0" for the legacy trainer."""
-    return _get(config, "trainer.v1.trainer_mode", "sync") if _get(config, "trainer.use_v1", True) else "v0"
 
 
 def _untruncated_token_weights_errors(config: DictConfig, why: str) -> list[str]:

@@ -1,10 +1,12 @@
 """Names of verl 0.9.1's v1 trainer modes and of ours, grouped by how the loss sees the data.
 
-Plain Python (no verl import): the start-up checks, the launcher's dry run and the CPU backend's
-checks all read these.
+No verl import: the start-up checks, the launcher's dry run and the CPU backend's checks all read
+these.
 """
 
 from __future__ import annotations
+
+from omegaconf import DictConfig, OmegaConf
 
 STALE_TRAINER_MODE = "m2po_stale"  # verl's sync trainer + the exact stale@k buffer
 SEPARATE_ASYNC_TRAINER_MODE = "m2po_separate_async"  # verl's separate_async + staleness metrics and ledger
@@ -17,3 +19,10 @@ SYNC_MODES = ("sync", STALE_TRAINER_MODE)
 # current (proximal) weights unless algorithm.rollout_correction.bypass_mode=true.
 SEPARATE_ASYNC_MODES = ("separate_async", SEPARATE_ASYNC_TRAINER_MODE)
 ASYNC_MODES = (*SEPARATE_ASYNC_MODES, "colocate_async", COLOCATE_ASYNC_TRAINER_MODE)
+
+
+def trainer_mode(config: DictConfig) -> str:
+    """The configured v1 trainer mode, or "v0" for verl's legacy trainer (`trainer.use_v1=false`)."""
+    if not OmegaConf.select(config, "trainer.use_v1", default=True):
+        return "v0"
+    return OmegaConf.select(config, "trainer.v1.trainer_mode", default=None) or "sync"
