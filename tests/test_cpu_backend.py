@@ -186,41 +186,27 @@ def test_a_set_stop_event_ends_decoding_with_the_partial_responses(tiny_model):
     assert [(ids, aborted) for ids, _, aborted in results] == [([], True), ([], True)]
 
 
-class _StoppingModel(torch.nn.Module):
-    """The tiny model, setting `stop` once it has produced `after` forward passes."""
+class _HookedModel(torch.nn.Module):
+    """The tiny model, calling `hook()` at the start of its `at`-th forward pass."""
 
-    def __init__(self, model, stop, after):
+    def __init__(self, model, at, hook):
         super().__init__()
-        self.model, self.stop, self.after, self.calls = model, stop, after, 0
+        self.model, self.at, self.hook, self.calls = model, at, hook, 0
 
     def forward(self, **kwargs):
         self.calls += 1
-        if self.calls == self.after:
-            self.stop.set()
+        if self.calls == self.at:
+            self.hook()
         return self.model(**kwargs)
 
 
 def test_abort_mid_decode_returns_exactly_the_tokens_sampled_so_far(tiny_model):
     full = sample_batch(tiny_model, _requests(PROMPTS[:2], [3, 4], max_tokens=8), {-1}, 0)
     stop = threading.Event()
-    partial = sample_batch(_StoppingModel(tiny_model, stop, 3), _requests(PROMPTS[:2], [3, 4], max_tokens=8), {-1}, 0, stop)
+    partial = sample_batch(_HookedModel(tiny_model, 3, stop.set), _requests(PROMPTS[:2], [3, 4], max_tokens=8), {-1}, 0, stop)
     for (ids, lps, _), (part_ids, part_lps, aborted) in zip(full, partial):
         assert aborted and len(part_ids) == 3 and part_ids == ids[:3]  # same seeds: a prefix of the full answer
         assert torch.allclose(torch.tensor(part_lps), torch.tensor(lps[:3]), atol=1e-6)
-
-
-class _HoldingModel(torch.nn.Module):
-    """The tiny model; its `hold_at`-th forward pass waits until `release` is set."""
-
-    def __init__(self, model, release, hold_at):
-        super().__init__()
-        self.model, self.release, self.hold_at, self.calls = model, release, hold_at, 0
-
-    def forward(self, **kwargs):
-        self.calls += 1
-        if self.calls == self.hold_at:
-            assert self.release.wait(timeout=60)
-        return self.model(**kwargs)
 
 
 def _server(tiny_dir):
@@ -242,7 +228,7 @@ def test_server_abort_pauses_answers_partial_and_resume_continues(tiny_dir):
     async def scenario():
         server = _server(tiny_dir)
         # the third forward pass waits until generation is aborted: the abort lands mid-decode
-        server.model = _HoldingModel(server.model, server._stop, hold_at=3)
+        server.model = _HookedModel(server.model, 3, lambda: server._stop.wait(timeout=60))
         await server.set_global_steps(3)
         params = {"max_tokens": 8, "temperature": 1.0, "logprobs": True}
         running = asyncio.ensure_future(server.generate(PROMPTS[1], params, request_id="a"))
