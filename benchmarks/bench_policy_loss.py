@@ -23,9 +23,8 @@ from tqdm import tqdm
 
 import verl  # noqa: F401  (registers the m2po losses through the plugin entry point)
 from verl.trainer.ppo.core_algos import get_policy_loss_fn
-from verl.workers.config import FSDPActorConfig
 
-from m2po.verl_integration.config import M2POPolicyLossConfig
+from m2po.verl_integration.config import actor_config
 
 METHODS = {  # label: (loss_mode, policy_loss config)
     "vanilla (GRPO eps=0.2)": ("vanilla", {}),
@@ -50,15 +49,6 @@ def make_batch(num_tokens: int, response_len: int, device: str, seed: int = 0):
     mask = torch.arange(response_len)[None, :] < lengths[:, None]
     to = dict(device=device)
     return (behaviour + log_ratio).to(**to), behaviour.to(**to), advantages.to(**to), mask.to(**to)
-
-
-def actor_config(loss_mode: str, **policy_loss) -> FSDPActorConfig:
-    return FSDPActorConfig(
-        strategy="fsdp",
-        rollout_n=1,
-        ppo_micro_batch_size_per_gpu=1,
-        policy_loss=M2POPolicyLossConfig(loss_mode=loss_mode, **policy_loss),
-    )
 
 
 def time_methods(num_tokens, response_len, device, repeats, warmup):

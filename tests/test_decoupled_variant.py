@@ -17,7 +17,8 @@ from verl.workers.utils.losses import ppo_loss
 from m2po.algorithm import decoupled_m2po_loss, decoupled_m2po_token_losses, m2po_token_losses, stats_to_floats
 from m2po.verl_integration.behaviour_ratio import UNTRUNCATED_IS_THRESHOLD
 from tests.reference import areal_keep_mask, decoupled_token_losses, second_moments
-from tests.verl_batches import actor_config, micro_batch, response_grad
+from m2po.verl_integration.config import actor_config
+from tests.verl_batches import micro_batch, response_grad
 
 
 def _three_policies(seed, batch=4, length=9, staleness=0.4, drift=0.3):

@@ -107,7 +107,7 @@ def task_id(char):
 @pytest.mark.parametrize(
     "changes, message",
     [
-        (dict(staleness_updates=10), r"rl.staleness_updates \(10\) must be a multiple of rl.mini_batches \(4\)"),
+        (dict(staleness_updates=10), r"rl.staleness_updates=10 is not a multiple of the 4 model updates per training"),
         (dict(mini_batches=3), "must be divisible by rl.mini_batches"),
         (dict(warmup="paper"), r"rl.warmup must be one of \['base_policy', 'fill_queue'\]"),
         (dict(lr=0.0), "rl.lr must be > 0"),

@@ -12,7 +12,8 @@ from verl.trainer.ppo.core_algos import get_policy_loss_fn
 from verl.workers.utils.losses import ppo_loss
 
 from m2po.algorithm import LOSS_AGG_MODES, m2po_token_losses
-from tests.verl_batches import actor_config, micro_batch, response_grad
+from m2po.verl_integration.config import actor_config
+from tests.verl_batches import micro_batch, response_grad
 
 CLEAN_ENV = {k: v for k, v in os.environ.items() if k not in ("VERL_USE_EXTERNAL_PLUGINS", "PYTHONPATH")}
 

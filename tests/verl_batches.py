@@ -5,24 +5,6 @@ from __future__ import annotations
 import torch
 from tensordict import TensorDict
 from verl.utils import tensordict_utils as tu
-from verl.workers.config import FSDPActorConfig
-
-from m2po.verl_integration.config import M2POPolicyLossConfig
-
-
-def actor_config(loss_mode="m2po", loss_agg_mode="token-mean", clip_ratio=0.2, **policy_loss):
-    return FSDPActorConfig(
-        strategy="fsdp",
-        rollout_n=1,
-        ppo_micro_batch_size_per_gpu=1,
-        clip_ratio=clip_ratio,
-        clip_ratio_low=clip_ratio,
-        clip_ratio_high=clip_ratio,
-        clip_ratio_c=max(3.0, clip_ratio),
-        loss_agg_mode=loss_agg_mode,
-        use_torch_compile=False,
-        policy_loss=M2POPolicyLossConfig(loss_mode=loss_mode, **policy_loss),
-    )
 
 
 def micro_batch(log_probs, old_log_probs, advantages, response_mask, prompt_lens, *, batch_num_tokens,

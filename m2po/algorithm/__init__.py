@@ -17,6 +17,7 @@ from m2po.algorithm.losses import (
     validate_policy_inputs,
 )
 from m2po.algorithm.masking import (
+    PAPER_M2_THRESHOLD,
     check_m2_threshold,
     second_moment_clip_bound,
     second_moment_keep_mask,
@@ -25,6 +26,7 @@ from m2po.algorithm.masking import (
 
 __all__ = [
     "LOG_RATIO_LIMIT",
+    "PAPER_M2_THRESHOLD",
     "LOSS_AGG_MODES",
     "M2PO_VARIANTS",
     "TokenLosses",

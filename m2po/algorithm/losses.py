@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from m2po.algorithm.masking import (
+    PAPER_M2_THRESHOLD,
     check_m2_threshold,
     second_moment_clip_bound,
     second_moment_keep_mask,
@@ -226,7 +227,7 @@ def m2po_token_losses(
     behaviour_log_probs: torch.Tensor,
     advantages: torch.Tensor,
     response_mask: torch.Tensor,
-    m2_threshold: float = 0.04,
+    m2_threshold: float = PAPER_M2_THRESHOLD,
     variant: str = "mask",
     importance_weights: torch.Tensor | None = None,
     check_finite: bool = True,
@@ -239,7 +240,7 @@ def m2po_token_losses(
             generated (verl's `old_log_prob`).
         advantages: `(batch, response_len)`, e.g. GRPO group-normalised outcome advantages.
         response_mask: `(batch, response_len)` bool.
-        m2_threshold: tau, the second-moment budget (paper: 0.04).
+        m2_threshold: tau, the second-moment budget (paper: `PAPER_M2_THRESHOLD`).
         variant: "mask" (paper Algorithm 1) or "clip" (authors' released code).
         importance_weights: optional `(batch, response_len)` per-token weights multiplied into the
             loss (verl's rollout-correction `rollout_is_weights`).
@@ -310,7 +311,7 @@ def decoupled_m2po_token_losses(
     proximal_behaviour_log_ratio: torch.Tensor,
     advantages: torch.Tensor,
     response_mask: torch.Tensor,
-    m2_threshold: float = 0.04,
+    m2_threshold: float = PAPER_M2_THRESHOLD,
     clip_ratio_low: float = 0.2,
     clip_ratio_high: float = 0.2,
     clip_ratio_c: float | None = None,
@@ -339,7 +340,7 @@ def decoupled_m2po_token_losses(
             log of token-level, untruncated `rollout_is_weights`).
         advantages: `(batch, response_len)`.
         response_mask: `(batch, response_len)` bool.
-        m2_threshold: tau (AReaL's `m2_threshold`, 0.04 in its M2PO recipe).
+        m2_threshold: tau (AReaL's `m2_threshold`; its M2PO recipe uses the paper's value).
         clip_ratio_low, clip_ratio_high: PPO clip range of `pi_theta / pi_prox`.
         clip_ratio_c: dual-clip bound (> 1) for `A < 0`, or None.
         check_finite: reject NaN/inf on valid tokens (one host sync).
@@ -423,7 +424,7 @@ def m2po_loss(
     behaviour_log_probs: torch.Tensor,
     advantages: torch.Tensor,
     response_mask: torch.Tensor,
-    m2_threshold: float = 0.04,
+    m2_threshold: float = PAPER_M2_THRESHOLD,
     variant: str = "mask",
     loss_agg_mode: str = "token-mean",
     importance_weights: torch.Tensor | None = None,
@@ -454,7 +455,7 @@ def decoupled_m2po_loss(
     proximal_behaviour_log_ratio: torch.Tensor,
     advantages: torch.Tensor,
     response_mask: torch.Tensor,
-    m2_threshold: float = 0.04,
+    m2_threshold: float = PAPER_M2_THRESHOLD,
     clip_ratio_low: float = 0.2,
     clip_ratio_high: float = 0.2,
     clip_ratio_c: float | None = None,

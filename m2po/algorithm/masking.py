@@ -23,11 +23,16 @@ import math
 import torch
 
 __all__ = [
+    "PAPER_M2_THRESHOLD",
     "trust_region_mask",
     "second_moment_keep_mask",
     "second_moment_clip_bound",
     "check_m2_threshold",
 ]
+
+
+# tau of every run in the paper (and of AReaL's M2PO recipe); the one default everywhere in the package.
+PAPER_M2_THRESHOLD = 0.04
 
 
 def check_m2_threshold(m2_threshold: float, key: str = "m2_threshold") -> float:
@@ -37,10 +42,10 @@ def check_m2_threshold(m2_threshold: float, key: str = "m2_threshold") -> float:
         ValueError: naming ``key`` when tau is not a number, NaN, zero or negative.
     """
     if isinstance(m2_threshold, bool) or not isinstance(m2_threshold, (int, float)):
-        raise ValueError(f"{key} must be a positive number (paper default 0.04), got {m2_threshold!r}")
+        raise ValueError(f"{key} must be a positive number (paper default {PAPER_M2_THRESHOLD}), got {m2_threshold!r}")
     if math.isnan(m2_threshold) or m2_threshold <= 0:
         raise ValueError(
-            f"{key} must be > 0 (paper default 0.04; inf disables masking), got {m2_threshold!r}"
+            f"{key} must be > 0 (paper default {PAPER_M2_THRESHOLD}; inf disables masking), got {m2_threshold!r}"
         )
     return float(m2_threshold)
 

@@ -36,9 +36,7 @@ from m2po.buffer.config import PolicyVersion, StalenessConfig
 from m2po.buffer.storage import (
     Batch,
     CorruptCheckpointError,
-    atomic_directory,
     atomic_save_tensors,
-    atomic_write_bytes,
     compact,
     content_hash,
     load_tensors,
@@ -46,6 +44,7 @@ from m2po.buffer.storage import (
     read_json,
     restore,
 )
+from m2po.utils.atomic_io import atomic_directory, atomic_write_bytes
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"

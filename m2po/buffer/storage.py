@@ -4,22 +4,20 @@
   int32 or less) and restored to their original dtype: reading back is bit-identical.
 - `content_hash` identifies a batch by its fields, dtypes, shapes and bytes, independent of how
   it is stored; it is what resume tests compare.
-- Files are written atomically: temporary name, fsync, rename, fsync of the directory.
+- Files are written atomically (`m2po.utils.atomic_io`).
 """
 
 from __future__ import annotations
 
-import contextlib
-import glob
 import hashlib
 import json
-import os
-import shutil
 from typing import Mapping
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save
+
+from m2po.utils.atomic_io import atomic_write_bytes
 
 Batch = Mapping[str, torch.Tensor]
 
@@ -73,24 +71,6 @@ def nbytes(tensors: Mapping[str, torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
-def fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: str, data: bytes) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(os.path.dirname(os.path.abspath(path)))
-
-
 def atomic_save_tensors(path: str, tensors: Mapping[str, torch.Tensor], metadata: dict[str, str]) -> None:
     atomic_write_bytes(path, save(dict(tensors), metadata=metadata))
 
@@ -108,24 +88,3 @@ def read_json(path: str) -> dict:
             return json.load(f)
     except (OSError, json.JSONDecodeError) as error:
         raise CorruptCheckpointError(f"cannot read {path}: {error}") from error
-
-
-@contextlib.contextmanager
-def atomic_directory(final_dir: str):
-    """Yield a fresh temporary directory; on success it replaces `final_dir` as a whole (fsynced,
-    renamed), on error `final_dir` is left as it was. Leftovers of earlier crashed writes are removed."""
-    os.makedirs(os.path.dirname(os.path.abspath(final_dir)), exist_ok=True)
-    for leftover in glob.glob(f"{glob.escape(final_dir)}.tmp-*"):
-        shutil.rmtree(leftover, ignore_errors=True)
-    tmp_dir = f"{final_dir}.tmp-{os.getpid()}"
-    os.makedirs(tmp_dir)
-    yield tmp_dir
-    fsync_dir(tmp_dir)
-    if os.path.exists(final_dir):
-        old = f"{final_dir}.old-{os.getpid()}"
-        os.replace(final_dir, old)
-        os.replace(tmp_dir, final_dir)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp_dir, final_dir)
-    fsync_dir(os.path.dirname(os.path.abspath(final_dir)))

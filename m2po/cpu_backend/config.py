@@ -20,10 +20,6 @@ def _trainer_modes(config) -> tuple[str, tuple[str, ...], tuple[str, ...]]:
     return trainer_mode(config), (*SYNC_MODES, *ASYNC_MODES, "v0"), SEPARATE_ASYNC_MODES
 
 
-def _get(config, key: str, default=None):
-    value = OmegaConf.select(config, key, default=default)
-    return default if value is None else value
-
 
 def cpu_config_errors(config) -> list[str]:
     """Everything in `config` the CPU backend cannot run, one message per key."""
@@ -35,17 +31,17 @@ def cpu_config_errors(config) -> list[str]:
             f"the cpu overlay needs the CPU backend switched on before verl starts: set {SELECTOR_ENV}=cpu in the "
             f"environment (e.g. `{SELECTOR_ENV}=cpu python -m verl.trainer.main_ppo ... +cpu=tiny`)"
         )
-    rollout = _get(config, "actor_rollout_ref.rollout.name")
+    rollout = config_value(config, "actor_rollout_ref.rollout.name")
     if rollout != ROLLOUT_NAME:
         errors.append(
             f"actor_rollout_ref.rollout.name={rollout!r} does not run on CPU (vLLM, SGLang and TensorRT-LLM need "
             f"GPUs); the CPU backend's rollout is {ROLLOUT_NAME!r}"
         )
-    if _get(config, "trainer.nnodes", 1) != 1:
-        errors.append(f"trainer.nnodes={_get(config, 'trainer.nnodes')}: the CPU backend runs on one machine (1 node)")
-    if _get(config, "actor_rollout_ref.rollout.nnodes", 0) not in (0, 1):  # 0: the rollout shares the trainer's
+    if config_value(config, "trainer.nnodes", 1) != 1:
+        errors.append(f"trainer.nnodes={config_value(config, 'trainer.nnodes')}: the CPU backend runs on one machine (1 node)")
+    if config_value(config, "actor_rollout_ref.rollout.nnodes", 0) not in (0, 1):  # 0: the rollout shares the trainer's
         errors.append(
-            f"actor_rollout_ref.rollout.nnodes={_get(config, 'actor_rollout_ref.rollout.nnodes')}: "
+            f"actor_rollout_ref.rollout.nnodes={config_value(config, 'actor_rollout_ref.rollout.nnodes')}: "
             "the CPU backend runs on one machine (1 node)"
         )
     for key in (
@@ -53,9 +49,9 @@ def cpu_config_errors(config) -> list[str]:
         "actor_rollout_ref.rollout.data_parallel_size",
         "actor_rollout_ref.rollout.pipeline_model_parallel_size",
     ):
-        if _get(config, key, 1) != 1:
-            errors.append(f"{key}={_get(config, key)}: the CPU rollout serves one process per replica; set it to 1")
-    if _get(config, "actor_rollout_ref.model.lora_rank", 0) > 0:
+        if config_value(config, key, 1) != 1:
+            errors.append(f"{key}={config_value(config, key)}: the CPU rollout serves one process per replica; set it to 1")
+    if config_value(config, "actor_rollout_ref.model.lora_rank", 0) > 0:
         errors.append(
             "actor_rollout_ref.model.lora_rank > 0: LoRA weight sync to the rollout is not supported on CPU; use 0"
         )
@@ -65,7 +61,7 @@ def cpu_config_errors(config) -> list[str]:
             f"trainer.v1.trainer_mode={mode!r} is not supported on CPU; supported: "
             f"{', '.join(supported_modes[:-1])} (or trainer.use_v1=false, verl's v0 trainer)"
         )
-    hybrid = _get(config, "actor_rollout_ref.hybrid_engine", True)
+    hybrid = config_value(config, "actor_rollout_ref.hybrid_engine", True)
     if mode in separate_async_modes:
         errors += _standalone_rollout_errors(config, mode, hybrid)
     elif not hybrid:
@@ -74,11 +70,11 @@ def cpu_config_errors(config) -> list[str]:
             f"{list(separate_async_modes)} on CPU, got {mode!r}"
         )
     for key in ("actor_rollout_ref.actor.strategy", "actor_rollout_ref.ref.strategy", "critic.strategy"):
-        strategy = _get(config, key)
+        strategy = config_value(config, key)
         if strategy is not None and strategy not in SUPPORTED_STRATEGIES:
             errors.append(f"{key}={strategy!r}: on CPU only {', '.join(SUPPORTED_STRATEGIES)} works (FSDP1 needs a GPU)")
     attention_key = "actor_rollout_ref.model.override_config.attn_implementation"
-    attention = _get(config, attention_key, "flash_attention_2")
+    attention = config_value(config, attention_key, "flash_attention_2")
     if attention not in ("sdpa", "eager"):
         errors.append(f"{attention_key}={attention!r}: flash attention needs a GPU; use sdpa")
     errors += _ray_capacity_errors(config)
@@ -97,13 +93,13 @@ def _standalone_rollout_errors(config, mode: str, hybrid: bool) -> list[str]:
             "replicas serve every rollout; set actor_rollout_ref.hybrid_engine=false"
         )
     backend_key = "actor_rollout_ref.rollout.checkpoint_engine.backend"
-    backend = _get(config, backend_key, "naive")
+    backend = config_value(config, backend_key, "naive")
     if backend != BACKEND:
         errors.append(
             f"{backend_key}={backend!r}: NCCL, NIXL and the other GPU engines do not run on CPU; the CPU backend "
             f"syncs standalone replicas with {BACKEND!r}"
         )
-    if _get(config, "actor_rollout_ref.rollout.n_gpus_per_node", 0) < 1:
+    if config_value(config, "actor_rollout_ref.rollout.n_gpus_per_node", 0) < 1:
         errors.append(
             "actor_rollout_ref.rollout.n_gpus_per_node must be >= 1 with a standalone rollout "
             "(one `hf` replica per logical slot)"
@@ -122,23 +118,23 @@ def standalone_rollout_slots(config) -> int:
     mode, _, separate_async_modes = _trainer_modes(config)
     if mode not in separate_async_modes:
         return 0
-    return _get(config, "actor_rollout_ref.rollout.nnodes", 1) * _get(config, "actor_rollout_ref.rollout.n_gpus_per_node", 1)
+    return config_value(config, "actor_rollout_ref.rollout.nnodes", 1) * config_value(config, "actor_rollout_ref.rollout.n_gpus_per_node", 1)
 
 
 def _ray_capacity_errors(config) -> list[str]:
     """Ray waits forever for resources it will never have (verl's placement groups have no
     timeout), so a cluster too small for the run is refused here, naming what is missing."""
-    workers = _get(config, "trainer.n_gpus_per_node", 1)  # one node (checked above)
+    workers = config_value(config, "trainer.n_gpus_per_node", 1)  # one node (checked above)
     rollout_slots = standalone_rollout_slots(config)
-    slots = _get(config, "ray_kwargs.ray_init.num_gpus")
+    slots = config_value(config, "ray_kwargs.ray_init.num_gpus")
     errors = []
     if slots is not None and slots < workers + rollout_slots:
         errors.append(
             f"ray_kwargs.ray_init.num_gpus={slots} logical slots for {workers} training workers "
             f"(trainer.n_gpus_per_node) and {rollout_slots} standalone rollout slots: Ray would wait for them forever"
         )
-    cpus = _get(config, "ray_kwargs.ray_init.num_cpus")
-    storage_units = _get(config, "transfer_queue.backend.SimpleStorage.num_data_storage_units", 1)
+    cpus = config_value(config, "ray_kwargs.ray_init.num_cpus")
+    storage_units = config_value(config, "transfer_queue.backend.SimpleStorage.num_data_storage_units", 1)
     # placement groups + TransferQueue's controller and storage units + the TaskRunner
     needed = CPUS_PER_TRAINING_WORKER * workers + CPUS_PER_STANDALONE_ROLLOUT_SLOT * rollout_slots
     needed += 1 + storage_units + 1
@@ -166,7 +162,7 @@ def _device_resolver(*, _root_):
 def _slots_resolver(*, _root_):
     """Logical "GPU" slots the overlay declares to Ray: the training workers plus, for verl's
     separate_async trainer, the standalone rollout pool."""
-    return _get(_root_, "trainer.n_gpus_per_node", 1) + standalone_rollout_slots(_root_)
+    return config_value(_root_, "trainer.n_gpus_per_node", 1) + standalone_rollout_slots(_root_)
 
 
 def _tiny_resolver(name: str):

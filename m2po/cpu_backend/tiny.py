@@ -4,7 +4,8 @@
   weights. (Not Qwen2: transformers 5 loads a `qwen2` folder's tokenizer as Qwen2Tokenizer, which
   replaces the character-level pre-tokenizer with its byte-level one.)
 - Tokenizer: character level with ChatML special tokens and a ChatML chat template, so verl's Qwen
-  chat handling (continuous-token building) works unchanged. Built with the testbed's builder.
+  chat handling (continuous-token building) works unchanged (`m2po.utils.tiny_llama`, shared with
+  the testbed, which keeps its own digits-only vocabulary and task).
 - Task: single-digit addition prompts ("3+4="); the reward (`m2po.cpu_backend.smoke_reward`) is 1
   when the answer's digit appears in the response. A random model scores ~25%, so groups have
   reward variance and the policy gradient is not zero from step 1.
@@ -41,7 +42,7 @@ def cache_root() -> str:
 
 
 def build_tokenizer():
-    from m2po.testbed.model import char_level_tokenizer
+    from m2po.utils.tiny_llama import char_level_tokenizer
 
     tokenizer = char_level_tokenizer(
         SYMBOLS, unk_token=UNK, special_tokens=SPECIAL_TOKENS, eos_token=IM_END, pad_token=END_OF_TEXT
@@ -51,11 +52,13 @@ def build_tokenizer():
 
 
 def build_model(seed: int = 0):
-    import torch
-    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+    from transformers import GenerationConfig
+
+    from m2po.utils.tiny_llama import tiny_llama
 
     ids = {symbol: i for i, symbol in enumerate(SYMBOLS)}
-    config = LlamaConfig(
+    model = tiny_llama(
+        seed,
         vocab_size=len(SYMBOLS),
         hidden_size=64,
         intermediate_size=128,
@@ -63,14 +66,11 @@ def build_model(seed: int = 0):
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=256,
-        tie_word_embeddings=True,
         bos_token_id=None,
         eos_token_id=ids[IM_END],
         pad_token_id=ids[END_OF_TEXT],
         torch_dtype="float32",
     )
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(config)
     model.generation_config = GenerationConfig(eos_token_id=[ids[IM_END], ids[END_OF_TEXT]], pad_token_id=ids[END_OF_TEXT])
     return model
 
@@ -99,7 +99,7 @@ def addition_rows(count: int, split: str, seed: int) -> list[dict]:
 def _build(directory: str) -> None:
     import pandas as pd
 
-    from m2po.buffer.storage import atomic_directory
+    from m2po.utils.atomic_io import atomic_directory
 
     with atomic_directory(directory) as tmp:
         model_dir = os.path.join(tmp, "model")

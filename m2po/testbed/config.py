@@ -7,7 +7,8 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 
-from m2po.buffer import WARMUP_MODES
+from m2po.algorithm import PAPER_M2_THRESHOLD
+from m2po.buffer import StalenessConfig
 from m2po.testbed.model import ModelConfig
 from m2po.testbed.task import AdditionTask
 
@@ -21,8 +22,9 @@ METHODS = {
 
 
 @dataclass(frozen=True)
-class WarmupConfig:
-    """Supervised warm-up that yields a weak base policy."""
+class SFTConfig:
+    """The supervised fine-tuning that yields the weak base policy (`TestbedConfig.sft`; not the
+    stale@k warm-up, which is `RLConfig.warmup`)."""
 
     # Half the SFT answers are right, half random wrong numbers: the base policy puts real mass on
     # the right answer but samples it rarely (~9%), like a base LLM that RL can sharpen. (A short
@@ -35,9 +37,9 @@ class WarmupConfig:
 
     def __post_init__(self):
         if self.steps < 0 or self.batch_size < 1:
-            raise ValueError(f"warmup.steps must be >= 0 and warmup.batch_size >= 1, got {self}")
+            raise ValueError(f"sft.steps must be >= 0 and sft.batch_size >= 1, got {self}")
         if not 0.0 <= self.correct_fraction <= 1.0:
-            raise ValueError(f"warmup.correct_fraction must be in [0, 1], got {self.correct_fraction}")
+            raise ValueError(f"sft.correct_fraction must be in [0, 1], got {self.correct_fraction}")
 
 
 @dataclass(frozen=True)
@@ -51,7 +53,7 @@ class RLConfig:
     lr: float = 5e-5
     grad_clip: float | None = None  # None: no clipping (the setting where methods differ)
     clip_ratio: float = 0.2  # GRPO's epsilon
-    m2_threshold: float = 0.04
+    m2_threshold: float = PAPER_M2_THRESHOLD
     m2po_variant: str = "mask"
     staleness_updates: int = 64  # k for the *_stale methods
     warmup: str = "base_policy"
@@ -70,15 +72,13 @@ class RLConfig:
                 f"rl.prompts_per_iteration x rl.samples_per_prompt ({self.prompts_per_iteration * self.samples_per_prompt})"
                 f" must be divisible by rl.mini_batches ({self.mini_batches})"
             )
-        if self.staleness_updates % self.mini_batches:
-            raise ValueError(
-                f"rl.staleness_updates ({self.staleness_updates}) must be a multiple of rl.mini_batches "
-                f"({self.mini_batches}), the model updates per iteration"
-            )
-        if self.warmup not in WARMUP_MODES:
-            raise ValueError(f"rl.warmup must be one of {list(WARMUP_MODES)}, got {self.warmup!r}")
+        self.staleness(stale=True)  # k a multiple of u, a known warm-up: the buffer's own checks
         if self.lr <= 0:
             raise ValueError(f"rl.lr must be > 0, got {self.lr}")
+
+    def staleness(self, stale: bool) -> StalenessConfig:
+        """A run's stale@k: k = `staleness_updates` for the *_stale methods, 0 on-policy; u = `mini_batches`."""
+        return StalenessConfig(self.staleness_updates if stale else 0, self.mini_batches, self.warmup, key_prefix="rl")
 
 
 @dataclass(frozen=True)
@@ -86,7 +86,7 @@ class TestbedConfig:
     __test__ = False  # not a pytest class, despite the name
     task: AdditionTask = field(default_factory=lambda: AdditionTask(num_digits=2))
     model: ModelConfig = field(default_factory=ModelConfig)
-    sft: WarmupConfig = field(default_factory=WarmupConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
     rl: RLConfig = field(default_factory=RLConfig)
     methods: tuple[str, ...] = tuple(METHODS)
     seeds: tuple[int, ...] = (0, 1, 2)
@@ -115,7 +115,7 @@ def preset(name: str) -> TestbedConfig:
         return TestbedConfig()
     if name == "quick":
         return TestbedConfig(
-            sft=WarmupConfig(steps=200),
+            sft=SFTConfig(steps=200),
             rl=RLConfig(iterations=24, staleness_updates=16, eval_every=8, eval_problems=256, checkpoint_every=8),
             seeds=(0,),
         )

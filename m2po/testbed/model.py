@@ -10,10 +10,10 @@ import os
 from dataclasses import dataclass
 
 import torch
-from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
 from m2po.testbed.task import BOS, BOS_ID, EOS, EOS_ID, PAD, PAD_ID, RESPONSE_TOKEN_IDS, SYMBOLS
+from m2po.utils.tiny_llama import char_level_tokenizer, tiny_llama
 
 
 @dataclass(frozen=True)
@@ -30,28 +30,14 @@ class ModelConfig:
             )
 
 
-def char_level_tokenizer(
-    symbols: list[str], unk_token: str, special_tokens: tuple[str, ...] = (), **token_kwargs
-) -> PreTrainedTokenizerFast:
-    """One token per character of `symbols`; `special_tokens` (which must be in `symbols`) are
-    matched whole before the split. `token_kwargs`: bos_token, eos_token, pad_token, ..."""
-    vocab = {symbol: i for i, symbol in enumerate(symbols)}
-    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token=unk_token))
-    core.pre_tokenizer = pre_tokenizers.Split(pattern="", behavior="isolated")
-    core.decoder = decoders.Fuse()  # decode joins characters without spaces
-    if special_tokens:
-        core.add_special_tokens([AddedToken(token, special=True, normalized=False) for token in special_tokens])
-    return PreTrainedTokenizerFast(tokenizer_object=core, **token_kwargs)
-
-
 def build_tokenizer() -> PreTrainedTokenizerFast:
     """Character-level tokenizer over the task's symbols."""
     return char_level_tokenizer(SYMBOLS, unk_token=PAD, bos_token=BOS, eos_token=EOS, pad_token=PAD)
 
 
 def build_model(config: ModelConfig, seed: int) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    llama = LlamaConfig(
+    model = tiny_llama(
+        seed,
         vocab_size=len(SYMBOLS),
         hidden_size=config.hidden_size,
         intermediate_size=config.intermediate_size,
@@ -62,10 +48,9 @@ def build_model(config: ModelConfig, seed: int) -> LlamaForCausalLM:
         bos_token_id=BOS_ID,
         eos_token_id=EOS_ID,
         pad_token_id=PAD_ID,
-        tie_word_embeddings=True,
     )
-    llama._attn_implementation = "sdpa"
-    return LlamaForCausalLM(llama)
+    model.config._attn_implementation = "sdpa"
+    return model
 
 
 def save_pretrained(model: LlamaForCausalLM, directory: str) -> None:

@@ -25,12 +25,13 @@ from verl.trainer.ppo.core_algos import compute_grpo_outcome_advantage, get_poli
 from verl.workers.config import FSDPActorConfig
 
 import m2po.verl_integration  # noqa: F401  (registers m2po / no_trust_region, as `import verl` would)
-from m2po.buffer import PolicyVersion, StaleRolloutBuffer, StalenessConfig
-from m2po.buffer.storage import atomic_directory, atomic_write_bytes
+from m2po.buffer import PolicyVersion, StaleRolloutBuffer
+from m2po.utils.atomic_io import atomic_directory, atomic_write_bytes
 from m2po.testbed.config import METHODS, TestbedConfig
 from m2po.testbed.model import response_log_probs, sample
-from m2po.testbed.sft import evaluate, load_base
-from m2po.verl_integration.config import M2POPolicyLossConfig
+from m2po.testbed.evaluation import evaluate
+from m2po.testbed.sft import load_base
+from m2po.verl_integration.config import actor_config
 
 CHECKPOINT = "checkpoint"
 METRICS = "metrics.jsonl"
@@ -39,22 +40,16 @@ CONSOLE_KEYS = ("accuracy", "rollout_reward", "stale/staleness_updates", "actor/
                 "actor/m2po/m2_before", "grad_norm")
 
 
-def actor_config(config: TestbedConfig, loss_mode: str) -> FSDPActorConfig:
+def testbed_actor_config(config: TestbedConfig, loss_mode: str) -> FSDPActorConfig:
     rl = config.rl
     batch = rl.prompts_per_iteration * rl.samples_per_prompt
-    return FSDPActorConfig(
-        strategy="fsdp",
-        rollout_n=rl.samples_per_prompt,
-        ppo_mini_batch_size=batch // rl.mini_batches,
-        ppo_micro_batch_size_per_gpu=batch // rl.mini_batches,
+    return actor_config(
+        loss_mode,
         clip_ratio=rl.clip_ratio,
-        clip_ratio_low=rl.clip_ratio,
-        clip_ratio_high=rl.clip_ratio,
-        loss_agg_mode="token-mean",
-        use_torch_compile=False,
-        policy_loss=M2POPolicyLossConfig(
-            loss_mode=loss_mode, m2_threshold=rl.m2_threshold, m2po_variant=rl.m2po_variant
-        ),
+        rollout_n=rl.samples_per_prompt,
+        mini_batch_size=batch // rl.mini_batches,
+        m2_threshold=rl.m2_threshold,
+        m2po_variant=rl.m2po_variant,
     )
 
 
@@ -170,13 +165,13 @@ def run(config: TestbedConfig, method: str, seed: int, base_path: str, run_dir: 
     os.makedirs(run_dir, exist_ok=True)
     rl = config.rl
     loss_mode, stale = METHODS[method]
-    staleness = StalenessConfig(rl.staleness_updates if stale else 0, rl.mini_batches, rl.warmup, key_prefix="rl")
+    staleness = rl.staleness(stale)
     buffer = StaleRolloutBuffer(staleness, required_fields=("old_log_probs",))
     model, base_accuracy = load_base(base_path)
     optimizer = torch.optim.AdamW(model.parameters(), lr=rl.lr, betas=(0.9, 0.999), weight_decay=0.01)
     generator = torch.Generator().manual_seed(1_000_003 * (seed + 1))
     loss_fn = get_policy_loss_fn(loss_mode)
-    actor = actor_config(config, loss_mode)
+    actor = testbed_actor_config(config, loss_mode)
 
     start, updates = _load_checkpoint(run_dir, model, optimizer, generator, buffer)
     metrics_path = os.path.join(run_dir, METRICS)

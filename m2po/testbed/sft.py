@@ -8,19 +8,10 @@ import os
 import torch
 from tqdm import tqdm
 
-from m2po.buffer.storage import atomic_directory
+from m2po.utils.atomic_io import atomic_directory
 from m2po.testbed.config import TestbedConfig
-from m2po.testbed.model import build_model, load_pretrained, response_log_probs, sample, save_pretrained
-
-
-@torch.no_grad()
-def evaluate(model, task, problems: int, seed: int) -> float:
-    """Accuracy of temperature-1 samples on a fixed held-out problem set (one sample each)."""
-    generator = torch.Generator().manual_seed(10_000 + seed)
-    operands = task.sample_operands(problems, generator)
-    prompts = task.encode_prompts(operands)
-    responses, mask = sample(model, prompts, task.response_len, generator)
-    return float(task.rewards(operands, responses, mask).mean())
+from m2po.testbed.evaluation import evaluate
+from m2po.testbed.model import build_model, load_pretrained, response_log_probs, save_pretrained
 
 
 def _sft_targets(task, operands: torch.Tensor, correct_fraction: float, generator: torch.Generator):

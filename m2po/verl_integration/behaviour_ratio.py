@@ -43,18 +43,14 @@ DECOUPLED_FIX = (
 )
 
 
-def _get(config: DictConfig, key: str, default=None):
-    value = OmegaConf.select(config, key, default=default)
-    return default if value is None else value
-
 
 def _untruncated_token_weights_errors(config: DictConfig, why: str) -> list[str]:
     """What keeps `rollout_is_weights` from being exactly `pi_prox / pi_behav` per token."""
     errors = []
-    rollout_is = _get(config, f"{CORRECTION_KEY}.rollout_is")
+    rollout_is = config_value(config, f"{CORRECTION_KEY}.rollout_is")
     if rollout_is != "token":
         errors.append(f"{CORRECTION_KEY}.rollout_is={rollout_is!r}: {why} needs per-token weights, set it to 'token'")
-    threshold = _get(config, f"{CORRECTION_KEY}.rollout_is_threshold", 2.0)
+    threshold = config_value(config, f"{CORRECTION_KEY}.rollout_is_threshold", 2.0)
     try:
         upper = float(threshold)
     except (TypeError, ValueError):  # "lower_upper" is IcePop: it zeroes weights outside the band
@@ -64,7 +60,7 @@ def _untruncated_token_weights_errors(config: DictConfig, why: str) -> list[str]
             f"{CORRECTION_KEY}.rollout_is_threshold={threshold!r}: {why} reads log(pi_prox / pi_behav) from the weights, "
             f"which must not be truncated or zeroed; set it to {UNTRUNCATED_IS_THRESHOLD:g}"
         )
-    if _get(config, f"{CORRECTION_KEY}.rollout_is_batch_normalize", False):
+    if config_value(config, f"{CORRECTION_KEY}.rollout_is_batch_normalize", False):
         errors.append(f"{CORRECTION_KEY}.rollout_is_batch_normalize=true rescales the weights; {why} needs false")
     return errors
 
@@ -72,10 +68,10 @@ def _untruncated_token_weights_errors(config: DictConfig, why: str) -> list[str]
 def behaviour_ratio_errors(config: DictConfig) -> list[str]:
     """Every key that keeps the configured loss from seeing the ratio to the behaviour policy."""
     mode = trainer_mode(config)
-    loss_mode = _get(config, f"{LOSS_KEY}.loss_mode", "vanilla")
-    variant = _get(config, f"{LOSS_KEY}.m2po_variant", "mask")
-    bypass = bool(_get(config, f"{CORRECTION_KEY}.bypass_mode", False))
-    calculate_log_probs = bool(_get(config, CALCULATE_LOG_PROBS_KEY, True))
+    loss_mode = config_value(config, f"{LOSS_KEY}.loss_mode", "vanilla")
+    variant = config_value(config, f"{LOSS_KEY}.m2po_variant", "mask")
+    bypass = bool(config_value(config, f"{CORRECTION_KEY}.bypass_mode", False))
+    calculate_log_probs = bool(config_value(config, CALCULATE_LOG_PROBS_KEY, True))
     is_async = mode in ASYNC_MODES
     errors = []
 
@@ -116,7 +112,7 @@ def behaviour_ratio_errors(config: DictConfig) -> list[str]:
         weight_errors = _untruncated_token_weights_errors(config, "no_trust_region in decoupled mode")
         if weight_errors:  # with exact token weights, -w * (pi_theta/pi_prox) * A is -(pi_theta/pi_behav) * A
             errors.append(f"{LOSS_KEY}.loss_mode=no_trust_region: {snapshot}; {BYPASS_FIX}")
-    elif _get(config, f"{CORRECTION_KEY}.rollout_is") is None:
+    elif config_value(config, f"{CORRECTION_KEY}.rollout_is") is None:
         errors.append(
             f"{LOSS_KEY}.loss_mode={loss_mode}: {snapshot}, and {CORRECTION_KEY}.rollout_is=null drops that gap "
             f"entirely (the clip acts against the snapshot); {BYPASS_FIX} (PPO clip against the behaviour policy), "

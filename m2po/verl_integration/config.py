@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from verl.workers.config import PolicyLossConfig
+from verl.workers.config import FSDPActorConfig, PolicyLossConfig
 
-from m2po.algorithm import check_m2_threshold, check_variant
+from m2po.algorithm import PAPER_M2_THRESHOLD, check_m2_threshold, check_variant
 
 KEY_PREFIX = "actor_rollout_ref.actor.policy_loss"
 
@@ -23,16 +23,44 @@ class M2POPolicyLossConfig(PolicyLossConfig):
 
     Args:
         m2_threshold (float): tau, the bound on the mean squared log importance ratio over
-            trust-region tokens (paper default 0.04, used in every paper run); inf disables it.
+            trust-region tokens (paper default `PAPER_M2_THRESHOLD`, used in every paper run); inf disables it.
         m2po_variant (str): "mask" (paper Algorithm 1: drop the largest-(log r)^2 tokens),
             "clip" (authors' released code: PPO clip at the |log r| cap that meets tau) or
             "decoupled" (AReaL's variant for verl's asynchronous trainers in decoupled mode: the mask
             on log(pi_prox / pi_behav), then a PPO clip against pi_prox; see docs/async.md).
     """
 
-    m2_threshold: float = 0.04
+    m2_threshold: float = PAPER_M2_THRESHOLD
     m2po_variant: str = "mask"
 
     def __post_init__(self):
         check_m2_threshold(self.m2_threshold, key=f"{KEY_PREFIX}.m2_threshold")
         check_variant(self.m2po_variant, key=f"{KEY_PREFIX}.m2po_variant")
+
+
+def actor_config(
+    loss_mode: str = "m2po",
+    *,
+    clip_ratio: float = 0.2,
+    loss_agg_mode: str = "token-mean",
+    rollout_n: int = 1,
+    mini_batch_size: int = 1,
+    **policy_loss,
+) -> FSDPActorConfig:
+    """verl's actor config for calling the registered policy losses outside verl's workers (the CPU
+    testbed, the loss benchmark, tests): `loss_mode` with M2PO's `policy_loss` parameters
+    (`m2_threshold`, `m2po_variant`), PPO's symmetric clip range `clip_ratio` (dual clip at
+    max(3, clip_ratio), verl's default bound), one mini-batch of `mini_batch_size` sequences."""
+    return FSDPActorConfig(
+        strategy="fsdp",
+        rollout_n=rollout_n,
+        ppo_mini_batch_size=mini_batch_size,
+        ppo_micro_batch_size_per_gpu=mini_batch_size,
+        clip_ratio=clip_ratio,
+        clip_ratio_low=clip_ratio,
+        clip_ratio_high=clip_ratio,
+        clip_ratio_c=max(3.0, clip_ratio),
+        loss_agg_mode=loss_agg_mode,
+        use_torch_compile=False,
+        policy_loss=M2POPolicyLossConfig(loss_mode=loss_mode, **policy_loss),
+    )

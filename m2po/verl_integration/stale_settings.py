@@ -40,16 +40,12 @@ class StaleTrainerSettings:
         return self.staleness.staleness_updates > 0
 
 
-def _get(config: DictConfig, dotted: str, default=None):
-    value = OmegaConf.select(config, dotted, default=default)
-    return default if value is None else value
-
 
 def updates_per_iteration(config: DictConfig) -> int:
     """u: optimizer updates of the actor per training step (mini-batches per batch x PPO epochs)."""
-    train_batch_size = _get(config, "data.train_batch_size")
-    mini_batch_size = _get(config, "actor_rollout_ref.actor.ppo_mini_batch_size")
-    ppo_epochs = _get(config, "actor_rollout_ref.actor.ppo_epochs", 1)
+    train_batch_size = config_value(config, "data.train_batch_size")
+    mini_batch_size = config_value(config, "actor_rollout_ref.actor.ppo_mini_batch_size")
+    ppo_epochs = config_value(config, "actor_rollout_ref.actor.ppo_epochs", 1)
     if not isinstance(train_batch_size, int) or train_batch_size < 1:
         raise ValueError(f"data.train_batch_size must be a positive integer, got {train_batch_size!r}")
     if not isinstance(mini_batch_size, int) or mini_batch_size < 1:
@@ -70,12 +66,12 @@ def stale_settings_from_config(config: DictConfig) -> StaleTrainerSettings:
     Raises:
         ValueError: naming the offending key and the allowed values.
     """
-    staleness_updates = _get(config, f"{SECTION}.staleness_updates", 0)
-    warmup = _get(config, f"{SECTION}.warmup", "base_policy")
-    behaviour = _get(config, f"{SECTION}.behaviour_log_probs", "actor")
-    ram_budget_gb = _get(config, f"{SECTION}.ram_budget_gb", None)
-    checkpoint_dir = str(_get(config, "trainer.default_local_dir", "checkpoints"))
-    spill_dir = _get(config, f"{SECTION}.spill_dir", None) or os.path.join(checkpoint_dir, "m2po_stale_spill")
+    staleness_updates = config_value(config, f"{SECTION}.staleness_updates", 0)
+    warmup = config_value(config, f"{SECTION}.warmup", "base_policy")
+    behaviour = config_value(config, f"{SECTION}.behaviour_log_probs", "actor")
+    ram_budget_gb = config_value(config, f"{SECTION}.ram_budget_gb", None)
+    checkpoint_dir = str(config_value(config, "trainer.default_local_dir", "checkpoints"))
+    spill_dir = config_value(config, f"{SECTION}.spill_dir", None) or os.path.join(checkpoint_dir, "m2po_stale_spill")
 
     staleness = StalenessConfig(
         staleness_updates=staleness_updates,
@@ -99,8 +95,8 @@ def stale_settings_from_config(config: DictConfig) -> StaleTrainerSettings:
 
 
 def _check_trainer(config: DictConfig, settings: StaleTrainerSettings) -> None:
-    trainer_mode = _get(config, "trainer.v1.trainer_mode", "sync")
-    use_v1 = _get(config, "trainer.use_v1", True)
+    trainer_mode = config_value(config, "trainer.v1.trainer_mode", "sync")
+    use_v1 = config_value(config, "trainer.use_v1", True)
     k = settings.staleness.staleness_updates
     if settings.enabled and (not use_v1 or trainer_mode != TRAINER_MODE):
         raise ValueError(
@@ -110,23 +106,23 @@ def _check_trainer(config: DictConfig, settings: StaleTrainerSettings) -> None:
         )
     if not settings.enabled:  # staleness 0: verl's sync trainer, nothing else to check
         return
-    if _get(config, "trainer.critic_warmup", 0):
+    if config_value(config, "trainer.critic_warmup", 0):
         raise ValueError(
             f"trainer.critic_warmup must be 0 with trainer.v1.trainer_mode={TRAINER_MODE}: staleness is counted in "
             f"actor updates from the first step"
         )
-    if _get(config, "algorithm.filter_groups.enable", False):
+    if config_value(config, "algorithm.filter_groups.enable", False):
         raise ValueError(
             f"algorithm.filter_groups.enable=true (DAPO group filtering) is not supported with "
             f"trainer.v1.trainer_mode={TRAINER_MODE}: it changes how many prompts a step trains on"
         )
-    if _get(config, "algorithm.rollout_correction.bypass_mode", False):
+    if config_value(config, "algorithm.rollout_correction.bypass_mode", False):
         raise ValueError(
             f"algorithm.rollout_correction.bypass_mode=true is not supported with trainer.v1.trainer_mode="
             f"{TRAINER_MODE} (it swaps the loss for verl's bypass loss); to train against the rollout engine's "
             f"log-probs set {SECTION}.behaviour_log_probs=rollout"
         )
-    if settings.behaviour_log_probs == "rollout" and not _get(
+    if settings.behaviour_log_probs == "rollout" and not config_value(
         config, "actor_rollout_ref.rollout.calculate_log_probs", True
     ):
         raise ValueError(
