@@ -13,11 +13,13 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("config-dir", help="print the directory of the shipped hydra configs (for --config-path)")
     args = parser.parse_args(argv)
 
-    from m2po import selfcheck
-
     if args.command == "check":
+        from m2po import selfcheck
+
         return selfcheck.run_check()
-    print(selfcheck.config_dir())
+    from m2po.configs import config_dir
+
+    print(config_dir())
     return 0
 
 

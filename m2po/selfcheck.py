@@ -13,6 +13,8 @@ import sys
 import traceback
 from importlib import metadata
 
+from m2po.configs import config_dir
+
 ENTRY_POINT_GROUP = "verl.plugins"
 ENTRY_POINT_NAME = "m2po"  # the losses, trainers and start-up checks
 CPU_ENTRY_POINT_NAME = "m2po_cpu"  # the CPU backend, inert unless VERL_PLATFORM=cpu
@@ -24,14 +26,14 @@ import json, sys
 import verl
 from verl.trainer.ppo.core_algos import POLICY_LOSS_REGISTRY
 report = {"verl": verl.__version__, "python": sys.version.split()[0], "registered": {}}
-for name in ("m2po", "no_trust_region"):
+for name in LOSS_MODES:
     fn = POLICY_LOSS_REGISTRY.get(name)
     report["registered"][name] = None if fn is None else f"{fn.__module__}.{fn.__qualname__}"
 import verl.utils.config
 report["startup_checks"] = bool(getattr(verl.utils.config.validate_config, "_m2po_checks", False))
 from verl.trainer.ppo.v1.trainer_base import TRAINER_REGISTRY
 report["trainers"] = {name: TRAINER_REGISTRY[name].__module__ if name in TRAINER_REGISTRY else None
-                      for name in ("m2po_stale", "m2po_separate_async", "m2po_colocate_async")}
+                      for name in OUR_TRAINER_MODES}
 from omegaconf import OmegaConf
 report["cpu_backend"] = {"loaded": "m2po.cpu_backend.plugin" in sys.modules,
                          "resolvers": OmegaConf.has_resolver("m2po_cpu_tiny")}
@@ -43,7 +45,10 @@ print("M2PO_PROBE " + json.dumps(report))
 
 
 def _probe_fresh_process() -> tuple[dict | None, str]:
-    proc = subprocess.run([sys.executable, "-c", _PROBE], capture_output=True, text=True, timeout=300)
+    from m2po.verl_integration.trainer_modes import LOSS_MODES, OUR_TRAINER_MODES
+
+    probe = f"LOSS_MODES = {LOSS_MODES!r}\nOUR_TRAINER_MODES = {OUR_TRAINER_MODES!r}\n" + _PROBE
+    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300)
     for line in proc.stdout.splitlines():
         if line.startswith("M2PO_PROBE "):
             return json.loads(line[len("M2PO_PROBE ") :]), ""
@@ -68,13 +73,6 @@ def _diagnose() -> list[str]:
         except Exception:  # noqa: BLE001 - we want the traceback verl hides
             hints.append(f"loading entry point {ep.value!r} fails:\n{traceback.format_exc()}")
     return hints
-
-
-def config_dir() -> str:
-    """Directory of the shipped hydra configs (for `--config-path`)."""
-    from m2po import configs
-
-    return os.path.dirname(os.path.abspath(configs.__file__))
 
 
 def run_check(stream=sys.stdout) -> int:

@@ -10,7 +10,7 @@ import sys
 import time
 from dataclasses import dataclass
 
-from m2po.selfcheck import config_dir
+from m2po.configs import config_dir
 
 SYNC_LOG = "rollout-syncs.jsonl"
 

@@ -8,8 +8,9 @@ import sys
 import time
 
 import pytest
-from m2po.launch import compose_config, main as launch_main, validate_experiment
-from m2po.selfcheck import config_dir
+from m2po.configs import compose as compose_config
+from m2po.dry_run import main as dry_run_main, validate_experiment
+from m2po.configs import config_dir
 from m2po.verl_integration.behaviour_ratio import UNTRUNCATED_IS_THRESHOLD, behaviour_ratio_errors
 from m2po.verl_integration.trainer_modes import ASYNC_MODES
 
@@ -123,7 +124,7 @@ def test_async_scripts_put_behaviour_log_probs_into_the_loss(script):
 
 def test_misconfigured_async_m2po_fails_the_dry_run_by_name(capsys):
     argv = [*SCRIPT_OVERRIDES["m2po_separate_async.sh"], "algorithm.rollout_correction.bypass_mode=false"]
-    assert launch_main(["--quiet", *argv]) == 2
+    assert dry_run_main(["--quiet", *argv]) == 2
     err = capsys.readouterr().err
     assert "loss_mode=m2po (m2po_variant=mask)" in err and "set algorithm.rollout_correction.bypass_mode=true" in err
 

@@ -10,7 +10,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 
-from m2po.selfcheck import config_dir
+from m2po.configs import config_dir
 from m2po.verl_integration.config import M2POPolicyLossConfig
 
 REQUIRED = [

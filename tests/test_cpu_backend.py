@@ -20,9 +20,10 @@ from omegaconf import OmegaConf
 from m2po.cpu_backend import tiny
 from m2po.cpu_backend.config import cpu_config_errors
 from m2po.cpu_backend.patches import _collapse_gloo_backend
-from m2po.cpu_backend.rollout import _Request, request_seed, sample_batch
+from m2po.cpu_backend.sampler import SampleRequest, request_seed, sample_batch
 from m2po.cpu_backend.smoke import smoke_overrides
-from m2po.launch import compose_config, main as launch_main
+from m2po.configs import compose as compose_config
+from m2po.dry_run import main as dry_run_main
 from tests.test_train_scripts import EXPERIMENT_SCRIPTS, SCRIPTS_DIR, _python_call
 
 REGISTRY_PROBE = """
@@ -139,7 +140,7 @@ def test_tiny_dataset_rows_are_verl_rows_with_single_digit_answers(tiny_dir):
 
 def _requests(prompts, seeds, temperature=1.0, max_tokens=6, top_k=-1, top_p=1.0):
     return [
-        _Request(p, max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, want_log_probs=True, seed=s)
+        SampleRequest(p, max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, want_log_probs=True, seed=s)
         for p, s in zip(prompts, seeds)
     ]
 
@@ -344,7 +345,7 @@ def test_every_script_has_a_cpu_smoke_config(script, tmp_path, tiny_dir, monkeyp
     overrides = _script_overrides(script, tmp_path)
     original = compose_config("m2po_paper", overrides)
     smoke = compose_config("m2po_paper", [*smoke_overrides(original), *overrides])
-    code = launch_main(["--quiet", *smoke_overrides(original), *overrides])
+    code = dry_run_main(["--quiet", *smoke_overrides(original), *overrides])
     err = capsys.readouterr().err
     assert code == 0, err
     assert cpu_config_errors(smoke) == []
@@ -381,3 +382,41 @@ def test_cpu_smoke_dry_run_through_the_script(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "dry run OK: qwen2.5-math-7b-m2po-s256-cpu-smoke (loss_mode=m2po, staleness=256 updates" in result.stderr
     assert "total_training_steps: 5" in result.stdout and "name: hf" in result.stdout
+
+
+ISOLATION_PROBE = """
+import json, sys
+import m2po.cpu_backend.config as cpu_config
+
+def broken(*args, **kwargs):
+    raise RuntimeError("simulated CPU backend failure")
+
+cpu_config.register_resolvers = broken  # the first thing the m2po_cpu entry point calls
+import verl
+import verl.utils.config
+from omegaconf import OmegaConf
+from verl.trainer.ppo.core_algos import POLICY_LOSS_REGISTRY
+from verl.trainer.ppo.v1.trainer_base import TRAINER_REGISTRY
+print(json.dumps({
+    "cpu_plugin_failed": "m2po.cpu_backend.plugin" not in sys.modules and not OmegaConf.has_resolver("m2po_cpu_tiny"),
+    "losses": [name for name in ("m2po", "no_trust_region") if name in POLICY_LOSS_REGISTRY],
+    "trainers": [name for name in ("m2po_stale", "m2po_separate_async", "m2po_colocate_async") if name in TRAINER_REGISTRY],
+    "startup_checks": bool(getattr(verl.utils.config.validate_config, "_m2po_checks", False)),
+}))
+"""
+
+
+def test_a_failing_cpu_backend_cannot_disable_the_losses_or_trainers():
+    """The CPU backend is its own entry point: when it raises (verl swallows plugin errors), the
+    losses, our trainers and the start-up checks are registered all the same."""
+    env = {k: v for k, v in os.environ.items() if k not in ("VERL_USE_EXTERNAL_PLUGINS", "VERL_PLATFORM")}
+    out = subprocess.run([sys.executable, "-c", ISOLATION_PROBE], capture_output=True, text=True, env=env, cwd="/",
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    state = json.loads(out.stdout.strip().splitlines()[-1])
+    assert state == {
+        "cpu_plugin_failed": True,
+        "losses": ["m2po", "no_trust_region"],
+        "trainers": ["m2po_stale", "m2po_separate_async", "m2po_colocate_async"],
+        "startup_checks": True,
+    }

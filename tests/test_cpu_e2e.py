@@ -15,7 +15,7 @@ import os
 import pytest
 
 from m2po.cpu_backend.smoke import smoke_overrides
-from m2po.launch import compose_config
+from m2po.configs import compose as compose_config
 from m2po.verl_integration.stale_trainer import LEDGER_FILE, read_ledger
 from tests.cpu_e2e import read_jsonl, run_main_ppo
 from tests.test_behaviour_ratio import SCRIPT_OVERRIDES

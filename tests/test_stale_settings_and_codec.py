@@ -12,8 +12,9 @@ import torch
 from omegaconf import OmegaConf
 from tensordict import NonTensorStack, TensorDict
 
-from m2po.verl_integration.stale_settings import stale_settings_from_config, updates_per_iteration
-from m2po.verl_integration.tq_codec import decode_batch, encode_batch
+from m2po.configs import compose
+from m2po.verl_integration.stale_settings import StaleSectionConfig, stale_settings_from_config, updates_per_iteration
+from m2po.verl_integration.transfer_queue_codec import decode_batch, encode_batch
 
 
 def _cfg(**stale):
@@ -69,6 +70,21 @@ def test_bad_settings_name_the_key(stale, extra, message):
         OmegaConf.update(cfg, key, value, force_add=True)
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)").replace(".", r"\.")):
         stale_settings_from_config(cfg)
+
+
+def test_the_shipped_section_is_the_dataclass_defaults():
+    """One default per setting: the YAML lists the keys (overridable without +), with the values of
+    `StaleSectionConfig`."""
+    shipped = OmegaConf.to_container(compose("m2po_trainer", []).m2po.stale)
+    defaults = {name: getattr(StaleSectionConfig(), name) for name in StaleSectionConfig.__dataclass_fields__}
+    assert shipped == defaults | {"_target_": "m2po.verl_integration.stale_settings.StaleSectionConfig"}
+
+
+def test_unknown_and_mistyped_keys_are_refused_by_name():
+    with pytest.raises(Exception, match="stale_updates"):
+        stale_settings_from_config(_cfg(stale_updates=256))
+    with pytest.raises(Exception, match="staleness_updates"):
+        stale_settings_from_config(_cfg(staleness_updates="many"))
 
 
 def _batch():

@@ -16,7 +16,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from m2po.selfcheck import config_dir
+from m2po.configs import config_dir
 
 pytestmark = pytest.mark.ray
 

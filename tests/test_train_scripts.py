@@ -11,7 +11,8 @@ import sys
 
 import pytest
 
-from m2po.launch import compose_config, main as launch_main, validate_experiment
+from m2po.configs import compose as compose_config
+from m2po.dry_run import main as dry_run_main, validate_experiment
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS_DIR = os.path.join(REPO, "train-scripts")
@@ -46,9 +47,9 @@ def test_the_expected_experiments_exist():
 @pytest.mark.parametrize("script", EXPERIMENT_SCRIPTS)
 def test_dry_run_composes_and_validates(script, tmp_path, capsys):
     argv = _python_call(script, "--dry-run", "actor_rollout_ref.model.path=/models/x", "trainer.nnodes=2", tmp_path=tmp_path)
-    assert argv[:4] == ["-m", "m2po.launch", "--config-name", "m2po_paper"]
+    assert argv[:4] == ["-m", "m2po.dry_run", "--config-name", "m2po_paper"]
     assert argv[-2:] == ["actor_rollout_ref.model.path=/models/x", "trainer.nnodes=2"]  # command line wins
-    assert launch_main(argv[2:]) == 0, capsys.readouterr().err
+    assert dry_run_main(argv[2:]) == 0, capsys.readouterr().err
     printed = capsys.readouterr()
     assert "path: /models/x" in printed.out and "nnodes: 2" in printed.out
     assert "dry run OK" in printed.err
@@ -120,7 +121,7 @@ def test_paper_settings_reach_the_config(tmp_path):
 )
 def test_bad_settings_fail_the_dry_run_naming_the_key(override, message, capsys):
     argv = ["llm=qwen2.5-math-7b", "method=m2po", "m2po.stale.staleness_updates=256", override]
-    assert launch_main(["--quiet", *argv]) == 2
+    assert dry_run_main(["--quiet", *argv]) == 2
     assert message in capsys.readouterr().err
 
 

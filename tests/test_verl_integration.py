@@ -141,3 +141,31 @@ def test_m2po_without_its_config_class_falls_back_to_paper_defaults():
     )
     expected = m2po_token_losses(log_probs, old, advantages, mask, 0.04, "mask")
     torch.testing.assert_close(loss, expected.token_losses.sum() / mask.sum())
+
+
+def test_our_trainers_refuse_another_verl_version_by_name(monkeypatch):
+    import verl
+
+    from m2po.verl_integration.verl_internals import check_verl_version
+
+    check_verl_version("trainer.v1.trainer_mode=m2po_stale")  # the installed, supported one
+    monkeypatch.setattr(verl, "__version__", "0.10.0")
+    with pytest.raises(RuntimeError, match=r"trainer.v1.trainer_mode=m2po_stale relies on .* refuses verl 0\.10\.0: install verl==0\.9\.1"):
+        check_verl_version("trainer.v1.trainer_mode=m2po_stale")
+
+
+def test_the_listed_verl_internals_are_where_the_list_says():
+    """Each entry names a file (and lines) of the installed verl: a verl upgrade that moves them
+    shows up here, next to the version guard."""
+    import verl
+
+    from m2po.verl_integration.verl_internals import VERL_INTERNALS
+
+    root = os.path.dirname(verl.__file__)
+    for what, where, why in VERL_INTERNALS:
+        path, _, lines = where.partition(":")
+        with open(os.path.join(root, path)) as f:
+            source = f.read().splitlines()
+        for line in filter(None, lines.replace("-", ",").split(",")):
+            assert int(line) <= len(source), (what, where)
+        assert why

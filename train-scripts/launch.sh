@@ -36,7 +36,7 @@ launch() {
         export VERL_PLATFORM=cpu
     fi
     if ((dry_run)); then
-        exec "$python" -m m2po.launch --config-name m2po_paper "${overrides[@]}"
+        exec "$python" -m m2po.dry_run --config-name m2po_paper "${overrides[@]}"
     fi
     local config_dir
     config_dir=$("$python" -m m2po config-dir)

@@ -9,7 +9,8 @@ from dataclasses import asdict, dataclass
 # "fill_queue": the authors' code. Generate without training until the queue holds k/u
 #   iterations of batches, then train on the FIFO (the first k/u trained batches come from the
 #   base policy with staleness 0, u, 2u, ...; exactly k from then on).
-WARMUP_MODES = ("base_policy", "fill_queue")
+WARMUP_BASE_POLICY, WARMUP_FILL_QUEUE = "base_policy", "fill_queue"
+WARMUP_MODES = (WARMUP_BASE_POLICY, WARMUP_FILL_QUEUE)
 
 
 @dataclass(frozen=True)
@@ -38,7 +39,7 @@ class StalenessConfig:
 
     staleness_updates: int
     updates_per_iteration: int
-    warmup: str = "base_policy"
+    warmup: str = WARMUP_BASE_POLICY
     key_prefix: str = "m2po.stale"
 
     def __post_init__(self):

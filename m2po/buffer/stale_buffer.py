@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 import torch
 
-from m2po.buffer.config import PolicyVersion, StalenessConfig
+from m2po.buffer.config import WARMUP_BASE_POLICY, PolicyVersion, StalenessConfig
 from m2po.buffer.storage import (
     Batch,
     CorruptCheckpointError,
@@ -135,7 +135,7 @@ class StaleRolloutBuffer:
     def warmup_batches_needed(self) -> int:
         """Base-policy batches to push before the first regular one ("base_policy" warm-up): d on
         the very first iteration, 0 otherwise and always 0 for "fill_queue"."""
-        if self.config.warmup == "base_policy" and self._next_id == 0:
+        if self.config.warmup == WARMUP_BASE_POLICY and self._next_id == 0:
             return self.config.delay_iterations
         return 0
 

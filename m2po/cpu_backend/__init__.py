@@ -17,7 +17,7 @@ What activation does, in every process that imports verl (driver, TaskRunner, wo
 - registers the `m2po_cpu` checkpoint engine (public `CheckpointEngineRegistry`), which syncs weights
   to standalone rollout replicas through Ray's object store (verl's `separate_async` trainer);
 - applies the patches of verl private details listed in `m2po.cpu_backend.patches.PATCHES`, each
-  pinned to verl `SUPPORTED_VERL_VERSION`.
+  pinned to `m2po.verl_integration.verl_internals.SUPPORTED_VERL_VERSION`.
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ import os
 
 SELECTOR_ENV = "VERL_PLATFORM"
 SELECTOR_VALUE = "cpu"
-SUPPORTED_VERL_VERSION = "0.9.1"
 ROLLOUT_NAME = "hf"
 
 _activated = False
@@ -38,6 +37,8 @@ def is_selected() -> bool:
 
 def check_verl_version() -> None:
     import verl
+
+    from m2po.verl_integration.verl_internals import SUPPORTED_VERL_VERSION
 
     if verl.__version__ != SUPPORTED_VERL_VERSION:
         raise RuntimeError(
@@ -69,8 +70,4 @@ def activate() -> None:
     _activated = True
 
 
-def is_active() -> bool:
-    return _activated
-
-
-__all__ = ["ROLLOUT_NAME", "SELECTOR_ENV", "SUPPORTED_VERL_VERSION", "activate", "is_active", "is_selected"]
+__all__ = ["ROLLOUT_NAME", "SELECTOR_ENV", "activate", "check_verl_version", "is_selected"]

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from omegaconf import OmegaConf
 
+from m2po.utils.config_values import config_value
+
 SUPPORTED_STRATEGIES = ("fsdp2",)
 
 

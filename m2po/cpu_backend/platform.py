@@ -1,5 +1,7 @@
 """verl platform "cpu": device "cpu", collectives over gloo, device calls verl makes turned into no-ops.
 
+Imported only when the backend is activated (`m2po.cpu_backend.activate`, inside `import verl`).
+
 Ray scheduling: verl places every worker on its platform's Ray resource and checks the cluster's
 "GPU" (or "NPU") count before starting. On CPU the overlay starts Ray with as many *logical* "GPU"
 slots as training workers (`ray_kwargs.ray_init.num_gpus`), so verl's scheduling, placement groups
@@ -13,6 +15,8 @@ import types
 from typing import Any, Optional
 
 import torch
+from verl.plugin.platform.platform_base import PlatformBase
+from verl.plugin.platform.platform_manager import PlatformRegistry
 
 PLATFORM_NAME = "cpu"
 
@@ -55,93 +59,89 @@ def _build_device_module() -> types.ModuleType:
     return module
 
 
-def register_platform():
-    """Define and register `PlatformCPU` (defined here, not at import, so that importing this
-    module never imports verl)."""
-    from verl.plugin.platform.platform_base import PlatformBase
-    from verl.plugin.platform.platform_manager import PlatformRegistry
+_DEVICE_MODULE = _build_device_module()
 
-    if PlatformRegistry.get(PLATFORM_NAME) is not None:
-        return PlatformRegistry.get(PLATFORM_NAME)
 
-    device_module = _build_device_module()
+class PlatformCPU(PlatformBase):
+    """verl platform "cpu" (see the module docstring); selected only by VERL_PLATFORM=cpu."""
 
-    class PlatformCPU(PlatformBase):
-        def __init__(self):
-            from m2po.cpu_backend import check_verl_version
+    def __init__(self):
+        from m2po.cpu_backend import check_verl_version
 
-            check_verl_version()
+        check_verl_version()
 
-        device_name = property(lambda self: "cpu")
-        vendor_name = property(lambda self: "cpu")
-        device_module = property(lambda self: device_module)
+    device_name = property(lambda self: "cpu")
+    vendor_name = property(lambda self: "cpu")
+    device_module = property(lambda self: _DEVICE_MODULE)
 
-        def is_available(self) -> bool:
-            return True
+    def is_available(self) -> bool:
+        return True
 
-        def is_platform_available(self, use_smi_check=False) -> bool:
-            # Never auto-detected: only VERL_PLATFORM=cpu selects it.
-            return False
+    def is_platform_available(self, use_smi_check=False) -> bool:
+        # Never auto-detected: only VERL_PLATFORM=cpu selects it.
+        return False
 
-        def current_device(self) -> str:
-            return "cpu"  # verl passes this to `.to(...)`, where an index would mean an accelerator
+    def current_device(self) -> str:
+        return "cpu"  # verl passes this to `.to(...)`, where an index would mean an accelerator
 
-        def device_count(self) -> int:
-            return 1
+    def device_count(self) -> int:
+        return 1
 
-        def set_device(self, device_index: int) -> None:
-            return None
+    def set_device(self, device_index: int) -> None:
+        return None
 
-        def synchronize(self, device_index: Optional[int] = None) -> None:
-            return None
+    def synchronize(self, device_index: Optional[int] = None) -> None:
+        return None
 
-        def manual_seed(self, seed: int) -> None:
-            torch.manual_seed(seed)
+    def manual_seed(self, seed: int) -> None:
+        torch.manual_seed(seed)
 
-        def manual_seed_all(self, seed: int) -> None:
-            torch.manual_seed(seed)
+    def manual_seed_all(self, seed: int) -> None:
+        torch.manual_seed(seed)
 
-        def set_allocator_settings(self, settings: str) -> None:
-            return None
+    def set_allocator_settings(self, settings: str) -> None:
+        return None
 
-        def empty_cache(self) -> None:
-            return None
+    def empty_cache(self) -> None:
+        return None
 
-        def get_device_capability(self, device_index: int = 0):
-            return None, None
+    def get_device_capability(self, device_index: int = 0):
+        return None, None
 
-        def communication_backend_name(self) -> str:
-            return "gloo"
+    def communication_backend_name(self) -> str:
+        return "gloo"
 
-        def visible_devices_envvar(self) -> str:
-            return "CUDA_VISIBLE_DEVICES"
+    def visible_devices_envvar(self) -> str:
+        return "CUDA_VISIBLE_DEVICES"
 
-        @contextlib.contextmanager
-        def nvtx_range(self, msg: str):
-            yield
+    @contextlib.contextmanager
+    def nvtx_range(self, msg: str):
+        yield
 
-        def profiler_start(self) -> None:
-            return None
+    def profiler_start(self) -> None:
+        return None
 
-        def profiler_stop(self) -> None:
-            return None
+    def profiler_stop(self) -> None:
+        return None
 
-        def ray_resource_name(self) -> str:
-            return "GPU"
+    def ray_resource_name(self) -> str:
+        return "GPU"
 
-        def ray_resource_options(self, num_gpus: float) -> dict[str, Any]:
-            return {"num_gpus": num_gpus}
+    def ray_resource_options(self, num_gpus: float) -> dict[str, Any]:
+        return {"num_gpus": num_gpus}
 
-        def ray_noset_envvars(self) -> list[str]:
-            return []
+    def ray_noset_envvars(self) -> list[str]:
+        return []
 
-        def is_ipc_supported(self) -> bool:
-            return False
+    def is_ipc_supported(self) -> bool:
+        return False
 
-        def cudart(self) -> Any:
-            return None
+    def cudart(self) -> Any:
+        return None
 
-    PlatformCPU.__module__ = __name__
-    PlatformCPU.__qualname__ = "PlatformCPU"
-    PlatformRegistry.register(platform=PLATFORM_NAME)(PlatformCPU)
-    return PlatformCPU
+
+def register_platform() -> type[PlatformCPU]:
+    """Register `PlatformCPU` as verl platform "cpu" (idempotent)."""
+    if PlatformRegistry.get(PLATFORM_NAME) is None:
+        PlatformRegistry.register(platform=PLATFORM_NAME)(PlatformCPU)
+    return PlatformRegistry.get(PLATFORM_NAME)

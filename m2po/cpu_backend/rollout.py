@@ -2,8 +2,8 @@
 
 Three pieces, as for verl's vLLM backend:
 - `HFSamplingServer`, a Ray actor that owns an fp32 copy of the policy and answers verl's
-  token-in/token-out `generate` calls. Requests that arrive together are sampled together (one
-  forward pass per token for the whole batch, with a KV cache), not one at a time.
+  token-in/token-out `generate` calls. Requests that arrive together are sampled together by
+  `m2po.cpu_backend.sampler` (one forward pass per token for the whole batch, with a KV cache).
 - `HFReplica` (verl `RolloutReplica`): starts one server per replica.
 - `HFServerAdapter` (verl `BaseRollout`), living in each training worker: forwards weight updates
   from the trainer to its replica's server through Ray's object store, and sleep/wake.
@@ -31,10 +31,16 @@ import logging
 import os
 import threading
 from collections import defaultdict
-from dataclasses import dataclass, field
 from typing import Any, Optional
 
+import ray
 import torch
+from verl.workers.rollout import base as rollout_base
+from verl.workers.rollout.base import BaseRollout
+from verl.workers.rollout.replica import RolloutReplica, RolloutReplicaRegistry
+from verl.workers.rollout.utils import ensure_async_iterator
+
+from m2po.cpu_backend.sampler import SampleRequest, request_seed, sample_batch
 
 logger = logging.getLogger(__name__)
 
@@ -42,108 +48,6 @@ SERVER_NAME_PREFIX = "m2po_hf_rollout_server_"
 SYNC_LOG_ENV = "M2PO_CPU_ROLLOUT_SYNC_LOG"
 # How long the server waits for concurrent requests to join a batch.
 BATCH_WINDOW_S = 0.02
-
-
-@dataclass
-class _Request:
-    prompt_ids: list[int]
-    max_tokens: int
-    temperature: float
-    top_k: int
-    top_p: float
-    want_log_probs: bool
-    seed: int
-    future: asyncio.Future = field(repr=False, default=None)
-
-
-def request_seed(base_seed: int, weights_step, prompt_ids: list[int], occurrence: int) -> int:
-    digest = hashlib.sha256(f"{base_seed}|{weights_step}|{occurrence}|{prompt_ids}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
-
-
-def _filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
-    """`logits` (vocab,) with everything outside top-k / top-p set to -inf."""
-    if top_k is not None and 0 < top_k < logits.numel():
-        kth = torch.topk(logits, top_k).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and 0 < top_p < 1:
-        sorted_logits, order = torch.sort(logits, descending=True)
-        cumulative = torch.softmax(sorted_logits, dim=-1).cumsum(-1)
-        drop = cumulative - torch.softmax(sorted_logits, dim=-1) >= top_p
-        logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
-    return logits
-
-
-@torch.no_grad()
-def sample_batch(
-    model,
-    requests: list[_Request],
-    eos_token_ids: set[int],
-    pad_token_id: int,
-    stop: Optional[threading.Event] = None,
-):
-    """Sample every request in one batched decode. Returns [(token_ids, log_probs, aborted)] per request.
-
-    Prompts are left-padded; each row stops at its own EOS or `max_tokens`. The log-prob of a
-    sampled token is taken from `log_softmax(logits / temperature)` (greedy: temperature 1), the
-    distribution verl's actor recomputes. When `stop` is set, decoding ends before the next token and
-    the unfinished rows come back with what they have and `aborted=True`.
-    """
-    from transformers import DynamicCache
-
-    batch = len(requests)
-    prompt_len = max(len(r.prompt_ids) for r in requests)
-    input_ids = torch.full((batch, prompt_len), pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros((batch, prompt_len), dtype=torch.long)
-    for row, request in enumerate(requests):
-        input_ids[row, prompt_len - len(request.prompt_ids) :] = torch.tensor(request.prompt_ids)
-        attention_mask[row, prompt_len - len(request.prompt_ids) :] = 1
-    generators = [torch.Generator().manual_seed(r.seed) for r in requests]
-    budgets = [r.max_tokens for r in requests]
-    outputs: list[list[int]] = [[] for _ in requests]
-    log_probs: list[list[float]] = [[] for _ in requests]
-    finished = [False] * batch
-    aborted = [False] * batch
-    cache = DynamicCache()
-    step_ids = input_ids
-    for _ in range(max(budgets)):
-        if stop is not None and stop.is_set():
-            aborted = [not done for done in finished]
-            break
-        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)[:, -step_ids.shape[1] :]
-        logits = model(
-            input_ids=step_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            past_key_values=cache,
-            use_cache=True,
-        ).logits[:, -1, :].float()
-        next_ids = torch.full((batch,), pad_token_id, dtype=torch.long)
-        for row, request in enumerate(requests):
-            if finished[row]:
-                continue
-            row_logits = logits[row]
-            if request.temperature > 0:
-                scaled = row_logits / request.temperature
-                filtered = _filter_logits(scaled, request.top_k, request.top_p)
-                uniform = torch.rand(filtered.shape, generator=generators[row]).clamp_(1e-12, 1 - 1e-12)
-                token = int(torch.argmax(filtered - torch.log(-torch.log(uniform))))
-            else:
-                scaled = row_logits
-                token = int(torch.argmax(scaled))
-            next_ids[row] = token
-            outputs[row].append(token)
-            if request.want_log_probs:
-                log_probs[row].append(float(torch.log_softmax(scaled, dim=-1)[token]))
-            if token in eos_token_ids or len(outputs[row]) >= budgets[row]:
-                finished[row] = True
-        if all(finished):
-            break
-        step_ids = next_ids[:, None]
-        attention_mask = torch.cat([attention_mask, torch.ones((batch, 1), dtype=torch.long)], dim=1)
-    return [
-        (outputs[row], log_probs[row] if requests[row].want_log_probs else None, aborted[row]) for row in range(batch)
-    ]
 
 
 class HFSamplingServer:
@@ -173,7 +77,7 @@ class HFSamplingServer:
         self.global_steps: Optional[int] = None  # verl's training step of the current weights
         self.awake = True
         self._occurrences: dict[tuple, int] = defaultdict(int)
-        self._pending: list[_Request] = []
+        self._pending: list[SampleRequest] = []
         self._drainer: Optional[asyncio.Task] = None
         # Partial rollout: the gate is open while generation runs; `abort_all_requests` closes it
         # and stops the running batch, `resume_generation` opens it again.
@@ -225,7 +129,7 @@ class HFSamplingServer:
         key = (tuple(prompt_ids), temperature > 0)
         occurrence = self._occurrences[key]
         self._occurrences[key] += 1
-        request = _Request(
+        request = SampleRequest(
             prompt_ids=prompt_ids,
             max_tokens=max(1, min(int(max_tokens), room)),
             temperature=temperature,
@@ -277,7 +181,7 @@ class HFSamplingServer:
         if unknown:
             raise KeyError(f"weight update has names the rollout model lacks: {unknown[:5]}")
         missing = sorted(
-            name for name in set(own) - set(state_dict) if not self._is_tied(name, state_dict)
+            name for name in set(own) - set(state_dict) if not self._is_tied(name)
         )
         if missing:
             raise KeyError(f"weight update lacks parameters of the rollout model: {missing[:5]}")
@@ -316,7 +220,7 @@ class HFSamplingServer:
         """What seeds sampling: verl's training step if it sent one, else the count of syncs."""
         return ("step", self.global_steps) if self.global_steps is not None else ("sync", self.weight_version)
 
-    def _is_tied(self, name: str, state_dict) -> bool:
+    def _is_tied(self, name: str) -> bool:
         return name == "lm_head.weight" and getattr(self.model.config, "tie_word_embeddings", False)
 
     def weights_checksum(self) -> str:
@@ -379,99 +283,74 @@ class HFSamplingServer:
         return None
 
 
-def _replica_class():
-    import ray
-    from verl.workers.rollout.replica import RolloutReplica
+class HFReplica(RolloutReplica):
+    """One `HFSamplingServer` per replica, on the replica's node (single node only)."""
 
-    class HFReplica(RolloutReplica):
-        """One `HFSamplingServer` per replica, on the replica's node (single node only)."""
-
-        async def launch_servers(self):
-            if self.nnodes != 1:
-                raise ValueError(
-                    f"the CPU 'hf' rollout runs on one node; this replica spans {self.nnodes} "
-                    "(set actor_rollout_ref.rollout.tensor_model_parallel_size=1)"
-                )
-            name = f"{SERVER_NAME_PREFIX}{self.replica_rank}{self.name_suffix}"
-            server = (
-                ray.remote(HFSamplingServer)
-                .options(name=name, num_cpus=0, max_concurrency=self.max_concurrency)
-                .remote(config=self.config, model_config=self.model_config, replica_rank=self.replica_rank)
+    async def launch_servers(self):
+        if self.nnodes != 1:
+            raise ValueError(
+                f"the CPU 'hf' rollout runs on one node; this replica spans {self.nnodes} "
+                "(set actor_rollout_ref.rollout.tensor_model_parallel_size=1)"
             )
-            await server.stats.remote()  # surfaces a failed start here, with its traceback
-            self.servers = [server]
-            self._server_handle = server
-            self._server_address = name
+        name = f"{SERVER_NAME_PREFIX}{self.replica_rank}{self.name_suffix}"
+        server = (
+            ray.remote(HFSamplingServer)
+            .options(name=name, num_cpus=0, max_concurrency=self.max_concurrency)
+            .remote(config=self.config, model_config=self.model_config, replica_rank=self.replica_rank)
+        )
+        await server.stats.remote()  # surfaces a failed start here, with its traceback
+        self.servers = [server]
+        self._server_handle = server
+        self._server_address = name
 
-        async def sleep(self):
-            await self.servers[0].wait_for_requests_to_drain.remote()
-            await self.servers[0].sleep.remote()
-
-    return HFReplica
-
-
-def _adapter_class():
-    import ray
-    from verl.workers.rollout.base import BaseRollout
-
-    class HFServerAdapter(BaseRollout):
-        """In each training worker: sends the trainer's weights to this rank's replica server."""
-
-        def __init__(self, config, model_config, device_mesh, replica_rank: int = -1):
-            super().__init__(config, model_config, device_mesh)
-            rank = int(os.environ.get("RANK", "0"))
-            world = self.config.tensor_model_parallel_size * self.config.data_parallel_size
-            world *= self.config.pipeline_model_parallel_size
-            self.replica_rank = rank // world if replica_rank == -1 else replica_rank
-            self.owns_server = rank % world == 0
-            self.server = None
-
-        def _server(self):
-            if self.server is None:
-                self.server = ray.get_actor(f"{SERVER_NAME_PREFIX}{self.replica_rank}")
-            return self.server
-
-        async def resume(self, tags: list[str]):
-            if self.owns_server and self.config.free_cache_engine:
-                await self._server().wake_up.remote(tags=tags)
-
-        async def release(self):
-            if self.owns_server and self.config.free_cache_engine:
-                await self._server().sleep.remote()
-
-        @torch.no_grad()
-        async def update_weights(self, weights, wire_format: str = "named_tensors", global_steps=None, **kwargs):
-            from verl.workers.rollout.utils import ensure_async_iterator
-
-            if wire_format != "named_tensors":
-                raise ValueError(f"the CPU 'hf' rollout takes full named tensors, not {wire_format!r}")
-            if kwargs.get("peft_config") is not None:
-                raise NotImplementedError("the CPU 'hf' rollout does not sync LoRA adapters (use model.lora.merge=True)")
-            # Every rank iterates: with FSDP the generator gathers full tensors collectively. A
-            # checkpoint engine (standalone rollout) hands the weights over as an async generator.
-            state_dict = {}
-            async for name, tensor in ensure_async_iterator(weights):
-                state_dict[name] = tensor.detach().to("cpu", copy=True)
-            if self.owns_server:
-                await self._server().update_weights.remote(ray.put(state_dict), global_steps)
-
-    return HFServerAdapter
+    async def sleep(self):
+        await self.servers[0].wait_for_requests_to_drain.remote()
+        await self.servers[0].sleep.remote()
 
 
-def __getattr__(name):
-    # verl's BaseRollout registry imports a class by dotted path; build it on first access.
-    if name == "HFServerAdapter":
-        cls = _adapter_class()
-        globals()[name] = cls
-        return cls
-    raise AttributeError(name)
+class HFServerAdapter(BaseRollout):
+    """In each training worker: sends the trainer's weights to this rank's replica server."""
+
+    def __init__(self, config, model_config, device_mesh, replica_rank: int = -1):
+        super().__init__(config, model_config, device_mesh)
+        rank = int(os.environ.get("RANK", "0"))
+        world = self.config.tensor_model_parallel_size * self.config.data_parallel_size
+        world *= self.config.pipeline_model_parallel_size
+        self.replica_rank = rank // world if replica_rank == -1 else replica_rank
+        self.owns_server = rank % world == 0
+        self.server = None
+
+    def _server(self):
+        if self.server is None:
+            self.server = ray.get_actor(f"{SERVER_NAME_PREFIX}{self.replica_rank}")
+        return self.server
+
+    async def resume(self, tags: list[str]):
+        if self.owns_server and self.config.free_cache_engine:
+            await self._server().wake_up.remote(tags=tags)
+
+    async def release(self):
+        if self.owns_server and self.config.free_cache_engine:
+            await self._server().sleep.remote()
+
+    @torch.no_grad()
+    async def update_weights(self, weights, wire_format: str = "named_tensors", global_steps=None, **kwargs):
+        if wire_format != "named_tensors":
+            raise ValueError(f"the CPU 'hf' rollout takes full named tensors, not {wire_format!r}")
+        if kwargs.get("peft_config") is not None:
+            raise NotImplementedError("the CPU 'hf' rollout does not sync LoRA adapters (use model.lora.merge=True)")
+        # Every rank iterates: with FSDP the generator gathers full tensors collectively. A
+        # checkpoint engine (standalone rollout) hands the weights over as an async generator.
+        state_dict = {}
+        async for name, tensor in ensure_async_iterator(weights):
+            state_dict[name] = tensor.detach().to("cpu", copy=True)
+        if self.owns_server:
+            await self._server().update_weights.remote(ray.put(state_dict), global_steps)
 
 
 def register_rollout() -> None:
-    from verl.workers.rollout import base
-    from verl.workers.rollout.replica import RolloutReplicaRegistry
-
     from m2po.cpu_backend import ROLLOUT_NAME
 
-    RolloutReplicaRegistry.register(ROLLOUT_NAME, _replica_class)
-    base._ROLLOUT_REGISTRY[(ROLLOUT_NAME, "async")] = f"{__name__}.HFServerAdapter"
+    RolloutReplicaRegistry.register(ROLLOUT_NAME, lambda: HFReplica)
+    # verl's BaseRollout registry is a private dict of dotted paths (listed in patches.PATCHES)
+    rollout_base._ROLLOUT_REGISTRY[(ROLLOUT_NAME, "async")] = f"{__name__}.{HFServerAdapter.__qualname__}"

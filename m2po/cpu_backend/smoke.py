@@ -48,13 +48,13 @@ def smoke_overrides(config) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     from omegaconf import OmegaConf
 
-    from m2po.launch import compose_config
+    from m2po.configs import compose
 
     parser = argparse.ArgumentParser(prog="python -m m2po.cpu_backend.smoke", description=__doc__.splitlines()[0])
     parser.add_argument("--config-name", default="m2po_paper")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
-    config = compose_config(args.config_name, args.overrides)
+    config = compose(args.config_name, args.overrides)
     try:
         OmegaConf.resolve(config.trainer)
         lines = smoke_overrides(config)

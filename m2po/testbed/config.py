@@ -8,7 +8,7 @@ import json
 from dataclasses import dataclass, field
 
 from m2po.algorithm import PAPER_M2_THRESHOLD
-from m2po.buffer import StalenessConfig
+from m2po.buffer import WARMUP_BASE_POLICY, StalenessConfig
 from m2po.testbed.model import ModelConfig
 from m2po.testbed.task import AdditionTask
 
@@ -56,7 +56,7 @@ class RLConfig:
     m2_threshold: float = PAPER_M2_THRESHOLD
     m2po_variant: str = "mask"
     staleness_updates: int = 64  # k for the *_stale methods
-    warmup: str = "base_policy"
+    warmup: str = WARMUP_BASE_POLICY
     eval_every: int = 10
     eval_problems: int = 1024
     checkpoint_every: int = 20

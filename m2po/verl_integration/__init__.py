@@ -18,8 +18,8 @@ from m2po.verl_integration.policy_losses import (
 )
 from m2po.verl_integration.stale_settings import TRAINER_MODE
 from m2po.verl_integration.startup_checks import install_validate_config_hook
+from m2po.verl_integration.trainer_modes import LOSS_MODES
 
-LOSS_MODES = ("m2po", "no_trust_region")
 
 install_validate_config_hook()
 

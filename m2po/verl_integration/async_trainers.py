@@ -32,6 +32,7 @@ from m2po.verl_integration.behaviour_ratio import check_behaviour_ratio
 from m2po.verl_integration.ledger import LEDGER_FILE, append_ledger_record, staleness_metrics, staleness_summary
 from m2po.verl_integration.policy_losses import METRIC_PREFIX
 from m2po.verl_integration.trainer_modes import COLOCATE_ASYNC_TRAINER_MODE, SEPARATE_ASYNC_TRAINER_MODE
+from m2po.verl_integration.verl_internals import check_verl_version
 
 logger = logging.getLogger(__name__)
 logger.setLevel(os.getenv("VERL_LOGGING_LEVEL", "INFO"))
@@ -63,7 +64,8 @@ class _StalenessTracking:
     VERL_TRAINER_MODE: str  # the verl mode this trainer extends
 
     def __init__(self, config):
-        check_behaviour_ratio(config)  # before any worker starts
+        check_verl_version(f"trainer.v1.trainer_mode={config.trainer.v1.trainer_mode}")  # before any worker starts
+        check_behaviour_ratio(config)
         super().__init__(config)
         # verl reads its mode's settings from trainer.v1.<trainer_mode> and branches on the mode's
         # name (replay buffer, refills, TransferQueue checkpoints); this trainer is verl's mode in

@@ -21,9 +21,10 @@ from __future__ import annotations
 
 import math
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from m2po.verl_integration.trainer_modes import ASYNC_MODES, trainer_mode
+from m2po.utils.config_values import config_value
 
 LOSS_KEY = "actor_rollout_ref.actor.policy_loss"
 CORRECTION_KEY = "algorithm.rollout_correction"

@@ -1,20 +1,68 @@
 """The `m2po.stale` config section: stale@k settings for verl's trainer, validated at start-up.
 
-Reads a composed verl config (omegaconf only, no verl import) so that the launcher's dry run
-and the trainer check exactly the same things, and every error names the key to change.
+The section's schema and defaults are `StaleSectionConfig`, a dataclass in verl's `BaseConfig` style
+(like `M2POPolicyLossConfig` for `policy_loss`); `configs/m2po_base.yaml` lists the same keys so that
+they can be overridden without `+` (a test keeps the two equal). `stale_settings_from_config` checks
+the section against the rest of the config, for the dry run, the start-up hook and the trainer alike;
+every error names the key to change.
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Optional
 
 from omegaconf import DictConfig, OmegaConf
+from verl.base_config import BaseConfig
+from verl.utils.config import omega_conf_to_dataclass
 
-from m2po.buffer import StalenessConfig
+from m2po.buffer import WARMUP_BASE_POLICY, StalenessConfig
+from m2po.utils.config_values import config_value
 from m2po.verl_integration.trainer_modes import STALE_TRAINER_MODE as TRAINER_MODE
+
 BEHAVIOUR_LOG_PROBS = ("actor", "rollout")
 SECTION = "m2po.stale"
+SPILL_DIR_NAME = "m2po_stale_spill"
+
+
+@dataclass
+class StaleSectionConfig(BaseConfig):
+    """`m2po.stale`.
+
+    Args:
+        staleness_updates (int): k, train every batch exactly this many actor updates after the policy
+            that generated it (paper: 256); 0 = verl's sync trainer. Checked against u in
+            `stale_settings_from_config`.
+        warmup (str): "base_policy" (paper) or "fill_queue" (authors' code). In verl's trainer both
+            train the same sequence (verl counts only training steps); the testbed tells them apart.
+        behaviour_log_probs (str): "actor" (recomputed by the training engine when the batch is
+            generated, as the authors do) or "rollout" (the rollout engine's own log-probs).
+        ram_budget_gb (float, optional): GiB of queued batches kept in RAM; the newest beyond it spill
+            to `spill_dir`. None = no limit.
+        spill_dir (str, optional): None = `<trainer.default_local_dir>/m2po_stale_spill`.
+    """
+
+    staleness_updates: int = 0
+    warmup: str = WARMUP_BASE_POLICY
+    behaviour_log_probs: str = "actor"
+    ram_budget_gb: Optional[float] = None
+    spill_dir: Optional[str] = None
+
+    def __post_init__(self):
+        if self.behaviour_log_probs not in BEHAVIOUR_LOG_PROBS:
+            raise ValueError(
+                f"{SECTION}.behaviour_log_probs must be one of {list(BEHAVIOUR_LOG_PROBS)}, "
+                f"got {self.behaviour_log_probs!r}"
+            )
+        if self.ram_budget_gb is not None and not self.ram_budget_gb > 0:
+            raise ValueError(f"{SECTION}.ram_budget_gb must be > 0 or null (no limit), got {self.ram_budget_gb!r}")
+
+
+def stale_section(config: DictConfig) -> StaleSectionConfig:
+    """The validated `m2po.stale` section (the defaults when the config has none)."""
+    section = OmegaConf.select(config, SECTION)
+    return StaleSectionConfig() if section is None else omega_conf_to_dataclass(section, StaleSectionConfig)
 
 
 @dataclass(frozen=True)
@@ -23,8 +71,7 @@ class StaleTrainerSettings:
 
     staleness: k and the warm-up, with u = updates per iteration derived from the actor's
         mini-batch structure.
-    behaviour_log_probs: "actor" (recomputed by the training engine when the batch is
-        generated, as the authors do) or "rollout" (the rollout engine's own log-probs).
+    behaviour_log_probs: see `StaleSectionConfig`.
     ram_budget_bytes: compact bytes of queued batches kept in RAM (None = no limit); the
         newest beyond it spill to `spill_dir`.
     """
@@ -38,7 +85,6 @@ class StaleTrainerSettings:
     @property
     def enabled(self) -> bool:
         return self.staleness.staleness_updates > 0
-
 
 
 def updates_per_iteration(config: DictConfig) -> int:
@@ -66,28 +112,19 @@ def stale_settings_from_config(config: DictConfig) -> StaleTrainerSettings:
     Raises:
         ValueError: naming the offending key and the allowed values.
     """
-    staleness_updates = config_value(config, f"{SECTION}.staleness_updates", 0)
-    warmup = config_value(config, f"{SECTION}.warmup", "base_policy")
-    behaviour = config_value(config, f"{SECTION}.behaviour_log_probs", "actor")
-    ram_budget_gb = config_value(config, f"{SECTION}.ram_budget_gb", None)
+    section = stale_section(config)
     checkpoint_dir = str(config_value(config, "trainer.default_local_dir", "checkpoints"))
-    spill_dir = config_value(config, f"{SECTION}.spill_dir", None) or os.path.join(checkpoint_dir, "m2po_stale_spill")
-
     staleness = StalenessConfig(
-        staleness_updates=staleness_updates,
+        staleness_updates=section.staleness_updates,
         updates_per_iteration=updates_per_iteration(config),
-        warmup=warmup,
+        warmup=section.warmup,
         key_prefix=SECTION,
     )
-    if behaviour not in BEHAVIOUR_LOG_PROBS:
-        raise ValueError(f"{SECTION}.behaviour_log_probs must be one of {list(BEHAVIOUR_LOG_PROBS)}, got {behaviour!r}")
-    if ram_budget_gb is not None and (isinstance(ram_budget_gb, bool) or not float(ram_budget_gb) > 0):
-        raise ValueError(f"{SECTION}.ram_budget_gb must be > 0 or null (no limit), got {ram_budget_gb!r}")
     settings = StaleTrainerSettings(
         staleness=staleness,
-        behaviour_log_probs=behaviour,
-        ram_budget_bytes=None if ram_budget_gb is None else int(float(ram_budget_gb) * 2**30),
-        spill_dir=str(spill_dir),
+        behaviour_log_probs=section.behaviour_log_probs,
+        ram_budget_bytes=None if section.ram_budget_gb is None else int(section.ram_budget_gb * 2**30),
+        spill_dir=str(section.spill_dir or os.path.join(checkpoint_dir, SPILL_DIR_NAME)),
         checkpoint_dir=checkpoint_dir,
     )
     _check_trainer(config, settings)
@@ -119,8 +156,8 @@ def _check_trainer(config: DictConfig, settings: StaleTrainerSettings) -> None:
     if config_value(config, "algorithm.rollout_correction.bypass_mode", False):
         raise ValueError(
             f"algorithm.rollout_correction.bypass_mode=true is not supported with trainer.v1.trainer_mode="
-            f"{TRAINER_MODE} (it swaps the loss for verl's bypass loss); to train against the rollout engine's "
-            f"log-probs set {SECTION}.behaviour_log_probs=rollout"
+            f"{TRAINER_MODE} (the buffer records the behaviour log-probs itself); to train against the rollout "
+            f"engine's log-probs set {SECTION}.behaviour_log_probs=rollout"
         )
     if settings.behaviour_log_probs == "rollout" and not config_value(
         config, "actor_rollout_ref.rollout.calculate_log_probs", True

@@ -22,7 +22,6 @@ import logging
 import os
 import shutil
 
-import torch
 import transfer_queue as tq
 from tqdm import tqdm
 from transfer_queue import KVBatchMeta
@@ -42,7 +41,8 @@ from m2po.verl_integration.ledger import (
     staleness_summary,
 )
 from m2po.verl_integration.stale_settings import TRAINER_MODE, stale_settings_from_config
-from m2po.verl_integration.tq_codec import decode_batch, encode_batch
+from m2po.verl_integration.verl_internals import check_verl_version
+from m2po.verl_integration.transfer_queue_codec import decode_batch, encode_batch
 
 logger = logging.getLogger(__name__)
 logger.setLevel(os.getenv("VERL_LOGGING_LEVEL", "INFO"))
@@ -56,7 +56,8 @@ class StaleSyncTrainer(PPOTrainerSync):
     """verl's sync trainer, training every batch exactly k actor updates after it was generated."""
 
     def __init__(self, config):
-        self.stale = stale_settings_from_config(config)  # fail before any worker starts
+        check_verl_version(f"trainer.v1.trainer_mode={TRAINER_MODE}")  # before any worker starts
+        self.stale = stale_settings_from_config(config)
         super().__init__(config)
         # verl branches on the literal "sync" (replay buffer, TransferQueue checkpoints); this
         # trainer is sync in every respect except the seam below.

@@ -5,7 +5,7 @@ verl's `main_ppo` validates the composed config in the driver before it starts R
 run there too, whatever config the run was composed from (ours, or a user's own verl config with
 `loss_mode=m2po`): a misconfigured run stops within seconds, naming the keys, instead of training
 against the wrong ratio or failing after the workers have started. The same checks run in every
-`--dry-run` (`m2po.launch`) and in our trainers' constructors.
+`--dry-run` (`m2po.dry_run`) and in our trainers' constructors.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
-"""Compose an experiment's complete verl config and validate it without starting anything.
+"""The scripts' `--dry-run`: compose an experiment's complete verl config and validate it, running nothing.
 
-    python -m m2po.launch --config-name m2po_paper llm=qwen2.5-math-7b method=m2po \
+    python -m m2po.dry_run --config-name m2po_paper llm=qwen2.5-math-7b method=m2po \
         m2po.stale.staleness_updates=256 [any verl override]
 
 Runs every check verl's `main_ppo` runs before it starts Ray (`validate_config`, the actor
@@ -16,14 +16,7 @@ import sys
 
 from omegaconf import DictConfig, OmegaConf
 
-
-def compose_config(config_name: str, overrides: list[str]) -> DictConfig:
-    from hydra import compose, initialize_config_dir
-
-    from m2po.selfcheck import config_dir
-
-    with initialize_config_dir(config_dir=config_dir(), version_base=None):
-        return compose(config_name=config_name, overrides=list(overrides))
+from m2po.configs import compose
 
 
 def validate_experiment(config: DictConfig) -> dict:
@@ -45,12 +38,12 @@ def validate_experiment(config: DictConfig) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m m2po.launch", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m m2po.dry_run", description=__doc__.splitlines()[0])
     parser.add_argument("--config-name", default="m2po_paper")
     parser.add_argument("--quiet", action="store_true", help="validate only, do not print the config")
     parser.add_argument("overrides", nargs="*", help="hydra overrides, as for verl's main_ppo")
     args = parser.parse_args(argv)
-    config = compose_config(args.config_name, args.overrides)
+    config = compose(args.config_name, args.overrides)
     try:
         resolved = validate_experiment(config)
     except Exception as error:  # report like a start-up failure, without a traceback
