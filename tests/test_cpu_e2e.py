@@ -16,7 +16,7 @@ import pytest
 
 from m2po.cpu_backend.smoke import smoke_overrides
 from m2po.configs import compose as compose_config
-from m2po.verl_integration.stale_trainer import LEDGER_FILE, read_ledger
+from m2po.verl_integration.ledger import LEDGER_FILE, read_ledger
 from tests.cpu_e2e import read_jsonl, run_main_ppo
 from tests.test_behaviour_ratio import SCRIPT_OVERRIDES
 

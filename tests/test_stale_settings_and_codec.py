@@ -146,7 +146,7 @@ def test_import_verl_registers_the_stale_trainer_lazily():
 def test_samples_hash_is_the_set_of_trained_samples():
     import torch
 
-    from m2po.verl_integration.stale_trainer import samples_hash
+    from m2po.verl_integration.ledger import samples_hash
 
     def sample(tokens, reward, uid):
         return {

@@ -172,7 +172,7 @@ def test_every_batch_is_trained_exactly_k_updates_after_generation(tmp_path, tra
     # nothing left in TransferQueue but the d queued batches' absence: all moved out
     assert transfer_queue.kv_list("train").get("train", {}) == {}
     # the ledger records every trained batch with its generating version
-    from m2po.verl_integration.stale_trainer import read_ledger
+    from m2po.verl_integration.ledger import read_ledger
 
     ledger = read_ledger(os.path.join(tmp_path, "ckpt", "m2po_stale_ledger.jsonl"))
     assert [ledger[s]["staleness_updates"] for s in range(1, 7)] == [0, 2, 4, 4, 4, 4]
@@ -223,7 +223,7 @@ def test_crash_and_resume_trains_the_same_batch_sequence(tmp_path, transfer_queu
     _run_steps(resumed, save_at + 1, steps, crashed)
 
     assert [crashed[s][0] for s in range(1, steps + 1)] == [uninterrupted[s][0] for s in range(1, steps + 1)]
-    from m2po.verl_integration.stale_trainer import read_ledger
+    from m2po.verl_integration.ledger import read_ledger
 
     ledger_a = read_ledger(str(tmp_path / "a" / "ckpt" / "m2po_stale_ledger.jsonl"))
     ledger_b = read_ledger(str(tmp_path / "b" / "ckpt" / "m2po_stale_ledger.jsonl"))
@@ -260,7 +260,7 @@ def test_buffers_of_checkpoints_verl_removed_are_pruned(tmp_path, transfer_queue
 
 
 def test_ledger_survives_a_line_cut_by_a_crash(tmp_path):
-    from m2po.verl_integration.stale_trainer import append_ledger_record, read_ledger
+    from m2po.verl_integration.ledger import append_ledger_record, read_ledger
 
     path = str(tmp_path / "deep" / "ledger.jsonl")
     append_ledger_record(path, {"global_step": 1, "content_hash": "a"})

@@ -8,7 +8,9 @@
   the testbed, which keeps its own digits-only vocabulary and task).
 - Task: single-digit addition prompts ("3+4="); the reward (`m2po.cpu_backend.smoke_reward`) is 1
   when the answer's digit appears in the response. A random model scores ~25%, so groups have
-  reward variance and the policy gradient is not zero from step 1.
+  reward variance and the policy gradient is not zero from step 1. (Not the testbed's
+  `AdditionTask`: verl reads chat-message rows from parquet files and scores them with a reward
+  function, and an exact-match reward would give a random tiny model all-zero groups.)
 
 Everything lives under `<cache>/cpu-tiny-v<VERSION>/` (cache: `$M2PO_CACHE` or `~/.cache/m2po`),
 is built on first use under a file lock and written atomically. The hydra overlay `cpu/tiny.yaml`

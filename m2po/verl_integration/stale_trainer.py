@@ -35,7 +35,6 @@ from m2po.buffer import CorruptCheckpointError, PolicyVersion, ReadyBatch, Stale
 from m2po.verl_integration.ledger import (
     LEDGER_FILE,
     append_ledger_record,
-    read_ledger,
     samples_hash,
     staleness_metrics,
     staleness_summary,
@@ -48,7 +47,6 @@ logger = logging.getLogger(__name__)
 logger.setLevel(os.getenv("VERL_LOGGING_LEVEL", "INFO"))
 
 BUFFER_DIR = "m2po_stale_buffer"
-__all__ = ["BUFFER_DIR", "LEDGER_FILE", "StaleSyncTrainer", "append_ledger_record", "read_ledger", "samples_hash"]
 
 
 @register_trainer(TRAINER_MODE)
