@@ -107,3 +107,13 @@ def test_m2po_on_top_of_verls_own_config_with_plain_overrides():
     policy_loss = _actor(cfg).policy_loss
     assert isinstance(policy_loss, M2POPolicyLossConfig)
     assert (policy_loss.loss_mode, policy_loss.m2_threshold, policy_loss.m2po_variant) == ("m2po", 0.02, "mask")
+
+
+def test_shipped_defaults_are_the_code_defaults():
+    """One default per setting: the YAML's tau and variant are the dataclass's, and tau is the one
+    paper constant."""
+    from m2po.algorithm import PAPER_M2_THRESHOLD
+
+    policy_loss = _actor(_compose()).policy_loss
+    assert policy_loss.m2_threshold == M2POPolicyLossConfig().m2_threshold == PAPER_M2_THRESHOLD == 0.04
+    assert policy_loss.m2po_variant == M2POPolicyLossConfig().m2po_variant
