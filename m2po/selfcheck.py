@@ -76,7 +76,8 @@ def _diagnose() -> list[str]:
 
 
 def run_check(stream=sys.stdout) -> int:
-    """Print versions and registration status; 0 when both loss modes come from m2po."""
+    """Print versions and registration status; 0 when the loss modes, our trainer modes and the start-up
+    checks are registered by m2po (the CPU backend is reported, not required)."""
     report, error = _probe_fresh_process()
     try:
         version = metadata.version("m2po")
