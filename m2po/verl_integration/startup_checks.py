@@ -14,15 +14,13 @@ import functools
 
 from omegaconf import DictConfig, OmegaConf
 
-from m2po.verl_integration.behaviour_ratio import behaviour_ratio_errors
+from m2po.verl_integration.behaviour_ratio import check_behaviour_ratio
 
 
 def check_m2po_config(config: DictConfig) -> None:
     """Raise a ValueError naming every offending key: the behaviour-ratio rules and, when the config
     has an `m2po.stale` section, the stale@k settings."""
-    errors = behaviour_ratio_errors(config)
-    if errors:
-        raise ValueError("the policy loss would not see the ratio to the behaviour policy: " + "; ".join(errors))
+    check_behaviour_ratio(config)
     if OmegaConf.select(config, "m2po.stale") is not None:
         from m2po.verl_integration.stale_settings import stale_settings_from_config
 
