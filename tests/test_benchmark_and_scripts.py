@@ -21,11 +21,16 @@ def test_benchmark_prints_a_table_and_writes_json(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "m2po mask" in proc.stdout and "vanilla (GRPO eps=0.2)" in proc.stdout
     report = json.loads(out.read_text())
-    assert [row["tokens"] for row in report["rows"]] == [2048, 4096]
+    assert [(row["regime"], row["tokens"]) for row in report["rows"]] == [
+        ("typical", 2048), ("typical", 4096), ("stress", 2048), ("stress", 4096)
+    ]
     for row in report["rows"]:
         assert set(row["median_ms"]) == {"vanilla (GRPO eps=0.2)", "m2po mask", "m2po clip", "no_trust_region"}
         assert row["ratio_to_vanilla"]["vanilla (GRPO eps=0.2)"] == 1.0
-        assert 0 < row["masked_fraction"] < 0.1
+        if row["regime"] == "typical":
+            assert 0 < row["masked_fraction"] < 0.02 and row["m2_before"] < 0.07
+        else:  # M2 before masking over twice tau; the cut lies inside the bulk
+            assert 0.05 < row["masked_fraction"] < 0.15 and 0.08 < row["m2_before"] < 0.1
 
 
 def test_benchmark_rejects_sizes_that_do_not_divide():

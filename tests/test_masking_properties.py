@@ -107,3 +107,29 @@ def test_clip_meets_budget_and_clips_at_least_as_many_as_mask(batch, tau):
     num_clipped = sum(m > cap * cap for m in moments)
     num_masked = int((~second_moment_keep_mask(log_ratio, candidates, tau)).sum())
     assert num_clipped >= num_masked
+
+
+@given(token_batches(max_size=96), taus, st.integers(min_value=2, max_value=5))
+def test_refined_window_equals_the_unrefined_result(batch, tau, buckets):
+    """Narrowing the window by bucketed sums (forced here at every size) never changes the mask or
+    the cap: the same result as sorting every candidate above tau."""
+    from m2po.algorithm import masking
+
+    log_ratio, candidates = batch
+    settings = {"_SORT_AT_MOST": 0, "_REFINE_BUCKETS": buckets, "_MAX_REFINEMENTS": 8}
+    no_refinement = {"_SORT_AT_MOST": 10**9, "_SPLIT_MULTIPLES": [1.0]}
+    results = []
+    for patch in (settings, no_refinement):
+        saved = {name: getattr(masking, name) for name in patch}
+        try:
+            for name, value in patch.items():
+                setattr(masking, name, value)
+            results.append(
+                (second_moment_keep_mask(log_ratio, candidates, tau), second_moment_clip_bound(log_ratio, candidates, tau))
+            )
+        finally:
+            for name, value in saved.items():
+                setattr(masking, name, value)
+    (keep_a, cap_a), (keep_b, cap_b) = results
+    assert torch.equal(keep_a, keep_b)
+    assert float(cap_a) == float(cap_b) or math.isclose(float(cap_a), float(cap_b), rel_tol=1e-12)

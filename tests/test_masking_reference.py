@@ -173,3 +173,61 @@ def test_empty_input():
     none = torch.zeros(0, 7, dtype=torch.bool)
     assert second_moment_keep_mask(empty, none, 0.04).shape == (0, 7)
     assert math.isinf(float(second_moment_clip_bound(empty, none, 0.04)))
+
+
+# ---------------------------------------------------------------- the window refinement
+# Data far above tau puts the cut inside the bulk of the candidates; there the candidates are
+# narrowed by bucketed sums before anything is sorted. Forcing that refinement onto small batches
+# (sort nothing above 0 candidates, few buckets) exercises every level against the references.
+
+
+@pytest.fixture
+def always_refine(monkeypatch):
+    from m2po.algorithm import masking
+
+    monkeypatch.setattr(masking, "_SORT_AT_MOST", 0)
+    monkeypatch.setattr(masking, "_REFINE_BUCKETS", 3)
+    monkeypatch.setattr(masking, "_MAX_REFINEMENTS", 12)
+    return masking
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("tau", TAUS)
+def test_refined_window_keeps_the_reference_mask_and_cap(always_refine, kind, seed, tau):
+    log_ratio, advantages, response_mask = _batch(kind, seed, batch=16, length=32)
+    candidates = trust_region_mask(log_ratio, advantages, response_mask)
+    assert torch.equal(second_moment_keep_mask(log_ratio, candidates, tau), algorithm1_keep_mask(log_ratio, candidates, tau))
+    cap = float(second_moment_clip_bound(log_ratio, candidates, tau))
+    expected = authors_clip_cap(log_ratio, candidates, tau)
+    assert math.isinf(cap) if math.isinf(expected) else cap == pytest.approx(expected, rel=1e-9, abs=1e-12)
+
+
+def test_refinement_narrows_to_a_small_window(always_refine):
+    # N(0, 0.3**2): M2 before masking ~0.09, half the candidates above tau = 0.04.
+    g = torch.Generator().manual_seed(0)
+    log_ratio = 0.3 * torch.randn(4096, generator=g)
+    candidates = torch.ones(4096, dtype=torch.bool)
+    window = always_refine._split_candidates(log_ratio, candidates, 0.04, "mask")
+    num_above_tau = int((log_ratio.double().square() > 0.04).sum())
+    assert num_above_tau > 1500
+    assert window.index.numel() <= 4  # 12 levels of 3 buckets leave (almost) nothing to sort
+    assert window.above_index.numel() > 100  # surely masked without a sort
+    assert torch.equal(
+        second_moment_keep_mask(log_ratio, candidates, 0.04), algorithm1_keep_mask(log_ratio, candidates, 0.04)
+    )
+
+
+@pytest.mark.parametrize("tau", [0.04, 0.01])
+def test_stress_regime_at_benchmark_size(tau):
+    # The benchmark's stress regime at 64k tokens, with the real window settings (no monkeypatch).
+    g = torch.Generator().manual_seed(1)
+    log_ratio = 0.3 * torch.randn(64, 1024, generator=g)
+    advantages = torch.randn(64, 1, generator=g).expand(64, 1024)
+    response_mask = torch.ones(64, 1024, dtype=torch.bool)
+    candidates = trust_region_mask(log_ratio, advantages, response_mask)
+    keep = second_moment_keep_mask(log_ratio, candidates, tau)
+    assert (~keep).sum() > 1000
+    assert torch.equal(keep, algorithm1_keep_mask(log_ratio, candidates, tau))
+    cap = float(second_moment_clip_bound(log_ratio, candidates, tau))
+    assert cap == pytest.approx(authors_clip_cap(log_ratio, candidates, tau), rel=1e-9)
