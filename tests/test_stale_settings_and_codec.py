@@ -46,9 +46,12 @@ def test_on_policy_accepts_what_only_stale_runs_cannot_use():
 def test_settings_defaults_and_conversions():
     settings = stale_settings_from_config(_cfg(staleness_updates=256, ram_budget_gb=0.5))
     assert settings.staleness.delay_iterations == 32 and settings.enabled
-    assert settings.ram_budget_bytes == 2**29 and settings.spill_dir == "/ckpt/m2po_stale_spill"
+    assert settings.ram_budget_bytes == 2**29 and settings.spill_dir == "/ckpt/m2po_stale_store"
     assert settings.behaviour_log_probs == "actor" and settings.staleness.warmup == "base_policy"
     assert not stale_settings_from_config(_cfg()).enabled
+    # Bounded by default (1 GiB besides the batch due); null lifts the limit.
+    assert stale_settings_from_config(_cfg(staleness_updates=256)).ram_budget_bytes == 2**30
+    assert stale_settings_from_config(_cfg(staleness_updates=256, ram_budget_gb=None)).ram_budget_bytes is None
 
 
 @pytest.mark.parametrize(

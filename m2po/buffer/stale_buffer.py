@@ -16,18 +16,29 @@ front at the first iteration, so training starts at once on base-policy rollouts
 extra batches and instead spends the first d iterations generating without training. Neither
 needs the base policy's weights after the first iteration.
 
-Entries are stored compactly (narrowed integers), spill to disk beyond a RAM budget (newest
-first, since they are needed last), and the whole buffer is saved with each checkpoint
-atomically, with a content hash per entry verified on load.
+Memory and disk (sized for the paper's s=256: 64 queued batches of 2048 x 4k tokens):
+- Entries are stored compactly (narrowed integers). With a store directory (`spill_dir`), at most
+  `ram_budget_bytes` of them stay in RAM, the oldest (due first), plus the next batch due; the
+  rest live in the store, one safetensors file per batch, written once. After each pop, a
+  background thread reads the next ones due back into RAM, so a pop rarely waits for the disk.
+- `save` is incremental: a batch already in the store is hard-linked into the checkpoint, so a
+  checkpoint writes only the batches not yet on disk (those pushed since the last checkpoint that
+  are still in RAM). A popped batch leaves the store; its disk space is freed when the last
+  checkpoint linking it is removed. Checkpoints stay self-contained directories.
+- `load` is lazy and budgeted: entries are read and verified against their content hash one at a
+  time, linked back into the store, and only the oldest that fit the budget are kept in RAM.
+- Every file and checkpoint directory is written atomically; a crash at any point leaves each
+  checkpoint loadable or refused with the reason (tests kill the process at every file operation).
 """
 
 from __future__ import annotations
 
 import glob
 import json
+import math
 import os
-import shutil
 from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -44,7 +55,7 @@ from m2po.buffer.storage import (
     read_json,
     restore,
 )
-from m2po.utils.atomic_io import atomic_directory, atomic_write_bytes
+from m2po.utils.atomic_io import atomic_directory, atomic_write_bytes, fsync_dir, link_or_copy
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -57,12 +68,21 @@ class _Entry:
     content_hash: str
     dtypes: dict[str, str]
     nbytes: int
-    tensors: dict[str, torch.Tensor] | None  # None while spilled
-    spill_path: str | None = None
+    tensors: dict[str, torch.Tensor] | None  # the compact tensors while in RAM
+    store_path: str | None = None  # its file in the store, once written (never rewritten)
+    pending: Future | None = None  # a background read of store_path back into RAM
 
     @property
     def file_name(self) -> str:
         return f"entry-{self.entry_id:08d}.safetensors"
+
+    @property
+    def store_name(self) -> str:
+        return f"entry-{self.entry_id:08d}-{self.content_hash[:16]}.safetensors"
+
+    @property
+    def resident(self) -> bool:
+        return self.tensors is not None or self.pending is not None
 
 
 @dataclass(frozen=True)
@@ -75,16 +95,35 @@ class ReadyBatch:
     content_hash: str
 
 
+@dataclass(frozen=True)
+class SaveReport:
+    """What one `save` cost: bytes written, and entries hard-linked or copied from the store."""
+
+    entries: int
+    written_bytes: int
+    linked_entries: int
+    copied_entries: int
+
+
+def _read_verified(path: str, dtypes: dict[str, str], expected_hash: str, what: str) -> dict[str, torch.Tensor]:
+    """The compact tensors of an entry file, checked against the batch's content hash."""
+    tensors = load_tensors(path)
+    if set(tensors) != set(dtypes) or content_hash(tensors, dtypes) != expected_hash:
+        raise CorruptCheckpointError(f"{what} ({path}) does not match its content hash")
+    return tensors
+
+
 class StaleRolloutBuffer:
     """FIFO of rollout batches, each trained exactly `config.staleness_updates` updates after
     the policy that generated it (after warm-up; see module docstring).
 
     Args:
         config: staleness and warm-up.
-        ram_budget_bytes: compact bytes kept in memory; newer entries beyond it live in
-            `spill_dir`. None = no limit.
-        spill_dir: directory owned by the buffer for spilled entries (emptied of old spill files
-            at start). Required when `ram_budget_bytes` is set.
+        ram_budget_bytes: compact bytes of queued batches kept in RAM, besides the next batch
+            due; the newer ones live in `spill_dir`. None = no limit.
+        spill_dir: the store, a directory owned by the buffer (emptied of entry files at start:
+            checkpoints hold their own links). Needed for a RAM budget and for incremental saves;
+            without it, everything stays in RAM and every save writes every batch.
         required_fields: fields every pushed batch must have (e.g. the behaviour log-probs).
     """
 
@@ -106,6 +145,8 @@ class StaleRolloutBuffer:
         self._queue: deque[_Entry] = deque()
         self._next_id = 0
         self._last_staleness: int | None = None
+        self._reader: ThreadPoolExecutor | None = None
+        self.last_save: SaveReport | None = None
         if spill_dir is not None:
             os.makedirs(spill_dir, exist_ok=True)
             for stale_file in glob.glob(os.path.join(spill_dir, "entry-*.safetensors*")):
@@ -147,6 +188,7 @@ class StaleRolloutBuffer:
             RuntimeError: the oldest batch is older than the configured staleness, i.e. the
                 trainer did not consume a batch when it was due (updates per iteration changed,
                 or push/pop were not called once per iteration).
+            CorruptCheckpointError: a batch read back from the store changed on disk.
         """
         if not self._queue:
             return None
@@ -161,68 +203,140 @@ class StaleRolloutBuffer:
         if len(self._queue) <= self.config.delay_iterations:
             return None
         self._queue.popleft()
-        batch = self._materialise(oldest)
+        tensors = self._take_tensors(oldest)
+        if oldest.store_path is not None:
+            os.remove(oldest.store_path)  # checkpoints that hold it keep their own link
         self._last_staleness = age
-        return ReadyBatch(batch=batch, version=oldest.version, staleness_updates=age, content_hash=oldest.content_hash)
+        self._prefetch()
+        return ReadyBatch(
+            batch=restore(tensors, oldest.dtypes), version=oldest.version, staleness_updates=age,
+            content_hash=oldest.content_hash,
+        )
 
     def metrics(self) -> dict[str, float]:
         """Per-step metrics (logged under `stale/`)."""
-        in_ram = [e for e in self._queue if e.tensors is not None]
-        on_disk = [e for e in self._queue if e.tensors is None]
+        stored = [e for e in self._queue if e.store_path is not None]
         return {
             "stale/staleness_updates": float(self._last_staleness) if self._last_staleness is not None else -1.0,
             "stale/target_staleness_updates": float(self.config.staleness_updates),
             "stale/buffer_len": float(len(self._queue)),
-            "stale/ram_bytes": float(sum(e.nbytes for e in in_ram)),
-            "stale/disk_bytes": float(sum(os.path.getsize(e.spill_path) for e in on_disk)),
-            "stale/spilled_entries": float(len(on_disk)),
+            "stale/ram_bytes": float(self.resident_bytes()),
+            "stale/disk_bytes": float(sum(os.path.getsize(e.store_path) for e in stored)),
+            "stale/spilled_entries": float(sum(not e.resident for e in self._queue)),
+            "stale/stored_entries": float(len(stored)),
         }
+
+    def resident_bytes(self) -> int:
+        """Compact bytes of queued batches held in RAM (or being read back into it)."""
+        return sum(e.nbytes for e in self._queue if e.resident)
 
     # ------------------------------------------------------------------ RAM budget
 
-    def _ram_bytes(self) -> int:
-        return sum(e.nbytes for e in self._queue if e.tensors is not None)
-
     def _enforce_budget(self) -> None:
+        """Keep at most the budget in RAM besides the next batch due; the newest go to the store
+        first (they are due last)."""
         if self.ram_budget_bytes is None:
             return
-        ram_bytes = self._ram_bytes()
-        # Newest first: they are consumed last, so they stay on disk longest.
-        for entry in reversed(self._queue):
-            if ram_bytes <= self.ram_budget_bytes:
+        tail_bytes = sum(e.nbytes for e in list(self._queue)[1:] if e.resident)
+        for entry in reversed(list(self._queue)[1:]):
+            if tail_bytes <= self.ram_budget_bytes:
                 break
-            if entry.tensors is not None:
-                entry.spill_path = os.path.join(self.spill_dir, entry.file_name)
-                atomic_save_tensors(entry.spill_path, entry.tensors, metadata={})
-                entry.tensors = None
-                ram_bytes -= entry.nbytes
+            if entry.resident:
+                self._evict(entry)
+                tail_bytes -= entry.nbytes
 
-    def _materialise(self, entry: _Entry) -> dict[str, torch.Tensor]:
-        if entry.tensors is not None:
-            return restore(entry.tensors, entry.dtypes)
-        batch = restore(load_tensors(entry.spill_path), entry.dtypes)
-        os.remove(entry.spill_path)
-        # Only what went through the disk is re-verified; in-memory entries never changed.
-        if content_hash(batch) != entry.content_hash:
-            raise CorruptCheckpointError(
-                f"stale buffer entry {entry.entry_id} ({entry.version}) changed on disk: content hash mismatch"
-            )
-        return batch
+    def _evict(self, entry: _Entry) -> None:
+        if entry.pending is not None:
+            if not entry.pending.cancel():
+                entry.pending.exception()  # already reading: let it finish (its file stays)
+            entry.pending = None
+        self._write_to_store(entry)  # a no-op for entries read back from the store
+        entry.tensors = None
+
+    def _write_to_store(self, entry: _Entry) -> int:
+        """Write an entry's file into the store unless it is there already; returns bytes written."""
+        if entry.store_path is not None:
+            return 0
+        path = os.path.join(self.spill_dir, entry.store_name)
+        atomic_save_tensors(path, entry.tensors, metadata={})
+        entry.store_path = path
+        return os.path.getsize(path)
+
+    def _prefetch(self) -> None:
+        """Read back, in the background, the next batch due and then the oldest stored ones that fit
+        the budget, so that RAM holds a prefix of the queue."""
+        if self.spill_dir is None:
+            return
+        budget = math.inf if self.ram_budget_bytes is None else self.ram_budget_bytes
+        tail_bytes = 0
+        for position, entry in enumerate(self._queue):
+            if position > 0:
+                if tail_bytes + entry.nbytes > budget:
+                    break
+                tail_bytes += entry.nbytes
+            if not entry.resident:
+                if self._reader is None:
+                    self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="m2po-stale-prefetch")
+                entry.pending = self._reader.submit(
+                    _read_verified, entry.store_path, entry.dtypes, entry.content_hash, self._describe(entry)
+                )
+
+    def _take_tensors(self, entry: _Entry) -> dict[str, torch.Tensor]:
+        """The entry's compact tensors: from RAM, from its background read, or from the store now.
+        What comes from disk is verified against the content hash; RAM entries never changed."""
+        if entry.pending is not None:
+            entry.tensors, entry.pending = entry.pending.result(), None
+        if entry.tensors is None:
+            entry.tensors = _read_verified(entry.store_path, entry.dtypes, entry.content_hash, self._describe(entry))
+        tensors, entry.tensors = entry.tensors, None
+        return tensors
+
+    def _describe(self, entry: _Entry) -> str:
+        return f"stale buffer entry {entry.entry_id} ({entry.version})"
+
+    def _settle(self) -> None:
+        """Wait for background reads (before the queue is replaced or files are moved)."""
+        for entry in self._queue:
+            if entry.pending is not None:
+                try:
+                    entry.tensors = entry.pending.result()
+                except CorruptCheckpointError:
+                    entry.tensors = None  # reported again when the entry is due
+                entry.pending = None
+
+    def close(self) -> None:
+        """Stop the background reader (a buffer is usable again afterwards; it restarts on demand)."""
+        self._settle()
+        if self._reader is not None:
+            self._reader.shutdown(wait=True)
+            self._reader = None
 
     # ------------------------------------------------------------------ persistence
 
-    def save(self, directory: str) -> None:
-        """Write the whole buffer to `directory` atomically (all or nothing)."""
+    def save(self, directory: str) -> SaveReport:
+        """Write the buffer to `directory` atomically (all or nothing).
+
+        With a store, each batch's file is written there once and hard-linked into the checkpoint
+        (copied where the filesystem cannot link), so a save writes only the batches not yet on
+        disk. Without one, every batch is written.
+        """
+        written = linked = copied = 0
         with atomic_directory(directory) as tmp_dir:
             entries = []
             for entry in self._queue:
                 path = os.path.join(tmp_dir, entry.file_name)
-                if entry.tensors is not None:
-                    atomic_save_tensors(path, entry.tensors, metadata={})
+                if self.spill_dir is None:
+                    atomic_save_tensors(path, self._ram_tensors(entry), metadata={})
+                    written += os.path.getsize(path)
                 else:
-                    shutil.copyfile(entry.spill_path, path)
-                    with open(path, "rb+") as f:
-                        os.fsync(f.fileno())
+                    if entry.store_path is None:
+                        entry.tensors = self._ram_tensors(entry)
+                        written += self._write_to_store(entry)
+                    if link_or_copy(entry.store_path, path):
+                        linked += 1
+                    else:
+                        copied += 1
+                        written += os.path.getsize(path)
                 entries.append(
                     {
                         "id": entry.entry_id,
@@ -230,6 +344,7 @@ class StaleRolloutBuffer:
                         "version": entry.version.to_json(),
                         "content_hash": entry.content_hash,
                         "dtypes": entry.dtypes,
+                        "nbytes": entry.nbytes,
                     }
                 )
             manifest = {
@@ -240,9 +355,23 @@ class StaleRolloutBuffer:
                 "entries": entries,
             }
             atomic_write_bytes(os.path.join(tmp_dir, MANIFEST), json.dumps(manifest, indent=1).encode())
+        self.last_save = SaveReport(len(entries), written, linked, copied)
+        return self.last_save
+
+    def _ram_tensors(self, entry: _Entry) -> dict[str, torch.Tensor]:
+        if entry.pending is not None:
+            entry.tensors, entry.pending = entry.pending.result(), None
+        if entry.tensors is None:  # only stored entries are not in RAM
+            return _read_verified(entry.store_path, entry.dtypes, entry.content_hash, self._describe(entry))
+        return entry.tensors
 
     def load(self, directory: str) -> None:
-        """Replace this buffer's contents with a saved one, verifying every entry.
+        """Replace this buffer's contents with a saved one.
+
+        Entries are read and verified one at a time; with a store, each is linked into it (no
+        rewrite) and kept in RAM only while the budget allows (oldest first), so loading never
+        holds more than the budget plus the entry being verified. The next batch due is then read
+        back in the background.
 
         Raises:
             CorruptCheckpointError: missing manifest or entry file, unreadable file, or a
@@ -260,29 +389,42 @@ class StaleRolloutBuffer:
                 f"stale-buffer checkpoint {directory} was saved with {manifest['config']}, but this run is "
                 f"configured with {self.config.to_json()}; resume with the same staleness settings"
             )
-        loaded = deque()
+        self._settle()
+        for entry in self._queue:
+            if entry.store_path is not None and os.path.exists(entry.store_path):
+                os.remove(entry.store_path)
+        self._queue = deque()
+        budget = math.inf if self.ram_budget_bytes is None else self.ram_budget_bytes
+        in_ram_bytes, in_ram_prefix = 0, True
         for record in manifest["entries"]:
             path = os.path.join(directory, record["file"])
             if not os.path.isfile(path):
                 raise CorruptCheckpointError(f"incomplete stale-buffer checkpoint: {path} is missing")
-            tensors = load_tensors(path)
-            batch = restore(tensors, record["dtypes"])
-            if set(batch) != set(record["dtypes"]) or content_hash(batch) != record["content_hash"]:
-                raise CorruptCheckpointError(f"stale-buffer checkpoint entry {path} does not match its content hash")
-            loaded.append(
-                _Entry(
-                    record["id"], PolicyVersion(**record["version"]), record["content_hash"], record["dtypes"],
-                    nbytes(tensors), tensors,
-                )
+            tensors = _read_verified(path, record["dtypes"], record["content_hash"], "stale-buffer checkpoint entry")
+            entry = _Entry(
+                record["id"], PolicyVersion(**record["version"]), record["content_hash"], record["dtypes"],
+                nbytes(tensors), tensors,
             )
-        for entry in self._queue:
-            if entry.spill_path and os.path.exists(entry.spill_path):
-                os.remove(entry.spill_path)
-        self._queue = loaded
+            if self.spill_dir is not None:
+                store_path = os.path.join(self.spill_dir, entry.store_name)
+                if os.path.exists(store_path):
+                    os.remove(store_path)
+                link_or_copy(path, store_path)
+                entry.store_path = store_path
+                in_ram_prefix = in_ram_prefix and in_ram_bytes + entry.nbytes <= budget
+                if in_ram_prefix:
+                    in_ram_bytes += entry.nbytes
+                else:
+                    entry.tensors = None
+            self._queue.append(entry)
+            del tensors
+        if self.spill_dir is not None:
+            fsync_dir(self.spill_dir)
         self._next_id = manifest["next_id"]
         self._last_staleness = manifest["last_staleness"]
-        self._enforce_budget()
+        self._prefetch()
 
     def content_hashes(self) -> list[str]:
         """Hashes of the queued batches, oldest first."""
         return [e.content_hash for e in self._queue]
+

@@ -29,13 +29,21 @@ class CorruptCheckpointError(RuntimeError):
     """A saved buffer is incomplete or does not match its recorded hashes."""
 
 
-def content_hash(batch: Batch) -> str:
-    """sha256 over sorted field names, dtypes, shapes and raw bytes."""
+def content_hash(batch: Batch, dtypes: Mapping[str, str] | None = None) -> str:
+    """sha256 over sorted field names, dtypes, shapes and raw bytes.
+
+    With `dtypes` (a compact batch's original dtypes, see `compact`), each field is widened back
+    one at a time while it is hashed: the hash of the restored batch without restoring it whole.
+    """
     digest = hashlib.sha256()
     for name in sorted(batch):
-        tensor = batch[name].detach().cpu().contiguous()
+        tensor = batch[name].detach().cpu()
+        if dtypes is not None:
+            tensor = tensor.to(getattr(torch, dtypes[name]))
+        tensor = tensor.contiguous()
         digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
-        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+        if tensor.numel():
+            digest.update(tensor.reshape(-1).view(torch.uint8).numpy())  # the buffer itself, no copy
     return digest.hexdigest()
 
 

@@ -23,7 +23,8 @@ from m2po.verl_integration.trainer_modes import STALE_TRAINER_MODE as TRAINER_MO
 
 BEHAVIOUR_LOG_PROBS = ("actor", "rollout")
 SECTION = "m2po.stale"
-SPILL_DIR_NAME = "m2po_stale_spill"
+SPILL_DIR_NAME = "m2po_stale_store"
+DEFAULT_RAM_BUDGET_GB = 1.0
 
 
 @dataclass
@@ -38,15 +39,16 @@ class StaleSectionConfig(BaseConfig):
             train the same sequence (verl counts only training steps); the testbed tells them apart.
         behaviour_log_probs (str): "actor" (recomputed by the training engine when the batch is
             generated, as the authors do) or "rollout" (the rollout engine's own log-probs).
-        ram_budget_gb (float, optional): GiB of queued batches kept in RAM; the newest beyond it spill
-            to `spill_dir`. None = no limit.
-        spill_dir (str, optional): None = `<trainer.default_local_dir>/m2po_stale_spill`.
+        ram_budget_gb (float, optional): GiB of queued batches kept in RAM besides the next batch
+            due; the newer ones wait in `spill_dir`. None = no limit.
+        spill_dir (str, optional): the buffer's store (each batch written once, hard-linked into
+            checkpoints). None = `<trainer.default_local_dir>/m2po_stale_store`.
     """
 
     staleness_updates: int = 0
     warmup: str = WARMUP_BASE_POLICY
     behaviour_log_probs: str = "actor"
-    ram_budget_gb: Optional[float] = None
+    ram_budget_gb: Optional[float] = DEFAULT_RAM_BUDGET_GB
     spill_dir: Optional[str] = None
 
     def __post_init__(self):
@@ -72,8 +74,8 @@ class StaleTrainerSettings:
     staleness: k and the warm-up, with u = updates per iteration derived from the actor's
         mini-batch structure.
     behaviour_log_probs: see `StaleSectionConfig`.
-    ram_budget_bytes: compact bytes of queued batches kept in RAM (None = no limit); the
-        newest beyond it spill to `spill_dir`.
+    ram_budget_bytes: compact bytes of queued batches kept in RAM besides the next batch due
+        (None = no limit); the newer ones wait in the store, `spill_dir`.
     """
 
     staleness: StalenessConfig

@@ -20,7 +20,6 @@ from __future__ import annotations
 import glob
 import logging
 import os
-import shutil
 
 import transfer_queue as tq
 from tqdm import tqdm
@@ -32,6 +31,7 @@ from verl.utils.checkpoint.checkpoint_manager import find_latest_ckpt_path
 from verl.utils.tensordict_utils import list_of_dict_to_tensordict
 
 from m2po.buffer import CorruptCheckpointError, PolicyVersion, ReadyBatch, StaleRolloutBuffer
+from m2po.utils.atomic_io import remove_directory, remove_leftovers
 from m2po.verl_integration.ledger import (
     LEDGER_FILE,
     append_ledger_record,
@@ -65,7 +65,7 @@ class StaleSyncTrainer(PPOTrainerSync):
         self.stale_buffer = StaleRolloutBuffer(
             self.stale.staleness,
             ram_budget_bytes=self.stale.ram_budget_bytes,
-            spill_dir=self.stale.spill_dir if self.stale.ram_budget_bytes is not None else None,
+            spill_dir=self.stale.spill_dir,
         )
         self._restored_buffer = False
 
@@ -155,15 +155,22 @@ class StaleSyncTrainer(PPOTrainerSync):
         if self.stale.enabled:
             # Before verl writes latest_checkpointed_iteration.txt, so a checkpoint that verl
             # considers complete always has its buffer.
-            self.stale_buffer.save(os.path.join(step_dir, BUFFER_DIR))
+            report = self.stale_buffer.save(os.path.join(step_dir, BUFFER_DIR))
+            logger.info(
+                f"m2po stale buffer checkpoint: {report.entries} batches, {report.written_bytes / 2**20:.1f} MiB "
+                f"written, {report.linked_entries} linked from the store, {report.copied_entries} copied"
+            )
         super()._save_checkpoint()
         self._prune_buffers_of_removed_checkpoints()
 
     def _prune_buffers_of_removed_checkpoints(self) -> None:
-        """verl's max_actor_ckpt_to_keep removes old actor folders; their buffers go with them."""
-        for buffer_dir in glob.glob(os.path.join(self.config.trainer.default_local_dir, "global_step_*", BUFFER_DIR)):
-            if not os.path.isdir(os.path.join(os.path.dirname(buffer_dir), "actor")):
-                shutil.rmtree(buffer_dir, ignore_errors=True)
+        """verl's max_actor_ckpt_to_keep removes old actor folders; their buffers go with them (and
+        the batches only they linked leave the disk). Leftovers of crashed saves or removals too."""
+        for step_dir in glob.glob(os.path.join(self.config.trainer.default_local_dir, "global_step_*")):
+            buffer_dir = os.path.join(step_dir, BUFFER_DIR)
+            remove_leftovers(buffer_dir)
+            if os.path.isdir(buffer_dir) and not os.path.isdir(os.path.join(step_dir, "actor")):
+                remove_directory(buffer_dir)
 
     def _load_checkpoint(self):
         super()._load_checkpoint()
