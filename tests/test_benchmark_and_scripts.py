@@ -50,3 +50,24 @@ def test_example_launcher_dry_run_composes_the_config():
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "m2po_variant: clip" in proc.stdout and "adv_estimator: grpo" in proc.stdout
+
+
+def test_stale_buffer_benchmark_reports_every_phase(tmp_path):
+    out = tmp_path / "buffer.json"
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "benchmarks", "bench_stale_buffer.py"), "--batches", "4", "--sequences",
+         "8", "--prompt-len", "16", "--response-len", "32", "--steps", "3", "--budget-gb", "0.00001",
+         "--work-dir", str(tmp_path / "run"), "--out", str(out)],
+        capture_output=True, text=True, env=ENV, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "checkpoint: incremental save" in proc.stdout and "resume: load" in proc.stdout
+    report = json.loads(out.read_text())
+    batch, steps = report["batch"], report["steps"]
+    assert batch["compact_bytes"] < batch["raw_bytes"]
+    # A ~10 KiB budget holds no whole batch: RAM is the next batch due (at most one more in flight).
+    assert max(s["resident_bytes"] for s in steps) <= 2 * batch["compact_bytes"]
+    # Every later save writes nothing: the pushed batch was spilled to the store on push.
+    assert all(s["save_written_bytes"] == 0 and s["save_linked_entries"] == 4 for s in steps[1:])
+    assert report["resume"]["entries"] == 4
+    assert not os.path.exists(tmp_path / "run")  # the benchmark cleans up after itself

@@ -123,6 +123,24 @@ def test_codec_round_trip_is_exact():
         assert torch.equal(extra["t"], original["extra"]["t"]) and extra["none"] is None and np.isnan(extra["nan"])
 
 
+def test_packed_jagged_fields_encode_like_their_samples():
+    """TransferQueue's packed jagged tensors are sliced, not unbound: the same bytes as concatenating
+    the samples, also when the packed buffer holds more than the samples (offsets not from 0)."""
+    buffer = torch.arange(24, dtype=torch.int16).reshape(12, 2)
+    offsets = torch.tensor([2, 5, 9])  # samples = rows 2..4 and 5..8
+    nested = torch.nested.nested_tensor_from_jagged(buffer, offsets=offsets)
+    flat = encode_batch(TensorDict({"routed_experts": nested}, batch_size=[2]), ["b", "c"], [{}, {}])
+    assert torch.equal(flat["jagged/routed_experts/values"], buffer[2:9])
+    assert flat["jagged/routed_experts/lengths"].tolist() == [3, 4]
+    assert flat["jagged/routed_experts/trailing_shape"].tolist() == [2]
+    _, _, samples = decode_batch(flat)
+    assert [s["routed_experts"].tolist() for s in samples] == [buffer[2:5].tolist(), buffer[5:9].tolist()]
+    # A batch as verl builds it: the packed path gives exactly the concatenated samples.
+    original, data = _batch()
+    flat = encode_batch(data, ["a", "b", "c"], [{}, {}, {}])
+    assert torch.equal(flat["jagged/routed_experts/values"], torch.cat([s["routed_experts"] for s in original]))
+
+
 def test_codec_refuses_what_json_cannot_hold():
     data = TensorDict({"obj": NonTensorStack(object(), object())}, batch_size=[2])
     with pytest.raises(TypeError, match="field 'obj': cannot store a object in the stale buffer"):

@@ -77,18 +77,38 @@ def encode_batch(data: TensorDict, keys: list[str], tags: list[dict]) -> dict[st
     for field in data.keys():
         value = data.get(field)
         if isinstance(value, torch.Tensor) and value.is_nested:
-            samples = value.unbind()
-            flat[f"jagged/{field}/values"] = torch.cat([s.reshape(s.shape[0], -1) if s.dim() > 1 else s for s in samples])
-            flat[f"jagged/{field}/lengths"] = torch.tensor([s.shape[0] for s in samples], dtype=torch.int64)
-            trailing = {tuple(s.shape[1:]) for s in samples}
-            if len(trailing) > 1:
-                raise ValueError(f"field {field!r}: samples differ beyond their first dimension: {trailing}")
-            flat[f"jagged/{field}/trailing_shape"] = torch.tensor(next(iter(trailing), ()), dtype=torch.int64)
+            flat.update(_encode_jagged(field, value))
         elif isinstance(value, torch.Tensor):
             flat[f"dense/{field}"] = value.detach().cpu().contiguous()
         else:
             flat[f"json/{field}"] = _json_tensor(_per_sample_values(value, size), f"field {field!r}")
     return flat
+
+
+def _encode_jagged(field: str, value: torch.Tensor) -> dict[str, torch.Tensor]:
+    """values (samples concatenated along their first dimension, trailing dims flattened), lengths,
+    trailing shape. A packed jagged tensor (TransferQueue's layout) already holds the concatenation:
+    it is sliced, not rebuilt sample by sample (the same bytes either way)."""
+    packed = value.layout == torch.jagged and value.lengths() is None and getattr(value, "_ragged_idx", None) == 1
+    if packed and value.size(0) > 0:
+        offsets = value.offsets()
+        values = value.values()[int(offsets[0]) : int(offsets[-1])]
+        lengths = offsets.diff().to(torch.int64)
+        trailing_shape = tuple(values.shape[1:])
+        values = values.reshape(values.shape[0], -1) if values.dim() > 1 else values
+    else:
+        samples = value.unbind()
+        values = torch.cat([s.reshape(s.shape[0], -1) if s.dim() > 1 else s for s in samples])
+        lengths = torch.tensor([s.shape[0] for s in samples], dtype=torch.int64)
+        trailing = {tuple(s.shape[1:]) for s in samples}
+        if len(trailing) > 1:
+            raise ValueError(f"field {field!r}: samples differ beyond their first dimension: {trailing}")
+        trailing_shape = next(iter(trailing), ())
+    return {
+        f"jagged/{field}/values": values.detach().cpu().contiguous(),
+        f"jagged/{field}/lengths": lengths.cpu(),
+        f"jagged/{field}/trailing_shape": torch.tensor(trailing_shape, dtype=torch.int64),
+    }
 
 
 def decode_batch(flat: dict[str, torch.Tensor]) -> tuple[list[str], list[dict], list[dict[str, Any]]]:
