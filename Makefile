@@ -4,6 +4,7 @@
 #   make check   verify that `import verl` registers the M2PO losses
 #   make cpu-smoke  verl's real trainer on CPU: a few steps of the Qwen2.5-Math-7B M2PO s256 settings, tiny model
 #   make bench   CPU benchmark of the policy losses (table + benchmarks/results/*.json)
+#   make bench-buffer  the stale buffer at the paper's scale (64 x 2048 x 4k tokens; ~8 GB of temporary disk)
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -13,7 +14,7 @@ TORCH_SPEC ?= torch==2.13.0
 TORCH_PIP_ARGS ?=
 PIP := $(PY) -m pip install --quiet --disable-pip-version-check
 
-.PHONY: main-job test check bench cpu-smoke install clean
+.PHONY: main-job test check bench bench-buffer cpu-smoke install clean
 
 $(VENV)/.installed: pyproject.toml constraints-cpu.txt
 	rm -rf $(VENV)
@@ -40,6 +41,9 @@ cpu-smoke: $(VENV)/.installed
 
 bench: $(VENV)/.installed
 	$(PY) benchmarks/bench_policy_loss.py
+
+bench-buffer: $(VENV)/.installed
+	$(PY) benchmarks/bench_stale_buffer.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis benchmarks/results
