@@ -116,9 +116,10 @@ def disk_bytes(directory: str) -> int:
     return total
 
 
-def timed(fn):
+def timed(fn, *args):
+    """(fn(*args), seconds)."""
     start = time.perf_counter()
-    result = fn()
+    result = fn(*args)
     return result, time.perf_counter() - start
 
 
@@ -156,10 +157,10 @@ def main():
         push_s, encode_s, resident_max, batch_nbytes = [], [], 0, None
         for i in tqdm(range(args.batches), desc="warm-up pushes"):
             data, keys, tags = transfer_queue_batch(i, args.sequences, args.prompt_len, args.response_len)
-            flat, seconds = timed(lambda: encode_batch(data, keys, tags))
+            flat, seconds = timed(encode_batch, data, keys, tags)
             encode_s.append(seconds)
             del data
-            _, seconds = timed(lambda: buffer.push(flat, PolicyVersion(0, 0)))
+            _, seconds = timed(buffer.push, flat, PolicyVersion(0, 0))
             push_s.append(seconds)
             raw_bytes = sum(t.numel() * t.element_size() for t in flat.values())
             del flat
@@ -176,17 +177,17 @@ def main():
             version = PolicyVersion(step, 4 * (step - 1))  # as the trainer counts: warm-up batches are step 0's
             data, keys, tags = transfer_queue_batch(args.batches + step, args.sequences, args.prompt_len,
                                                     args.response_len)
-            flat, encode = timed(lambda: encode_batch(data, keys, tags))
+            flat, encode = timed(encode_batch, data, keys, tags)
             del data
-            _, push = timed(lambda: buffer.push(flat, version))
+            _, push = timed(buffer.push, flat, version)
             del flat
             resident_after_push = buffer.resident_bytes()
-            ready, pop = timed(lambda: buffer.pop_ready(version))
+            ready, pop = timed(buffer.pop_ready, version)
             assert ready is not None
-            (keys_out, tags_out, samples), decode = timed(lambda: decode_batch(ready.batch))
-            _, to_tensordict = timed(lambda: list_of_dict_to_tensordict(samples))
+            (keys_out, tags_out, samples), decode = timed(decode_batch, ready.batch)
+            _, to_tensordict = timed(list_of_dict_to_tensordict, samples)
             del ready, samples
-            save_report, save = timed(lambda: buffer.save(os.path.join(checkpoints, f"global_step_{step}", "buffer")))
+            save_report, save = timed(buffer.save, os.path.join(checkpoints, f"global_step_{step}", "buffer"))
             steps.append({
                 "step": step, "encode_s": encode, "push_s": push, "pop_s": pop, "decode_s": decode,
                 "to_tensordict_s": to_tensordict, "save_s": save, "save_written_bytes": save_report.written_bytes,
@@ -208,7 +209,7 @@ def main():
         rss.reset()
         before_load = PeakRSS.current()
         resumed = StaleRolloutBuffer(config, ram_budget_bytes=budget, spill_dir=store)
-        _, load = timed(lambda: resumed.load(last))
+        _, load = timed(resumed.load, last)
         resumed.close()
         report["resume"] = {"load_s": load, "peak_rss_over_start_bytes": rss.peak - before_load,
                             "resident_bytes": resumed.resident_bytes(), "entries": len(resumed)}
