@@ -97,6 +97,8 @@ def test_a_batch_changed_in_the_store_is_refused_when_due(tmp_path):
         f.write(bytes(data))
     with pytest.raises(CorruptCheckpointError, match="does not match its content hash"):
         run(buffer, iterations=4, start=2, updates=updates)
+    # The refused batch is still queued (the run stops here and resumes from a checkpoint).
+    assert buffer._queue[0] is victim
 
 
 # ------------------------------------------------------------------ incremental checkpoints

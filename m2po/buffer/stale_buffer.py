@@ -33,6 +33,7 @@ Memory and disk (sized for the paper's s=256: 64 queued batches of 2048 x 4k tok
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import math
@@ -202,10 +203,11 @@ class StaleRolloutBuffer:
             )
         if len(self._queue) <= self.config.delay_iterations:
             return None
+        tensors = self._take_tensors(oldest)  # before the pop: a refused read leaves the queue as it was
         self._queue.popleft()
-        tensors = self._take_tensors(oldest)
         if oldest.store_path is not None:
-            os.remove(oldest.store_path)  # checkpoints that hold it keep their own link
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(oldest.store_path)  # checkpoints that hold it keep their own link
         self._last_staleness = age
         self._prefetch()
         return ReadyBatch(
