@@ -137,3 +137,55 @@ def decoupled_token_losses(
             loss = torch.minimum(loss, torch.tensor(-a * clip_c, dtype=ratio.dtype))
         out.append(math.exp(d) * loss)
     return torch.stack(out).reshape(log_probs.shape)
+
+
+class ReleasedSolverError(ArithmeticError):
+    """The released solver's failure mode: a kept second moment below its 1e-12 offset makes the
+    cap the square root of a negative number."""
+
+
+def released_clip_ratio_bounds(
+    log_ratio: torch.Tensor, advantages: torch.Tensor, response_mask: torch.Tensor, tau: float
+) -> tuple[float, float, float]:
+    """The authors' released M2PO clip (github.com/Infini-AI-Lab/M2PO, verl/trainer/ppo/core_algos.py,
+    `kpo_clip_harmful_tokens` and `_solve_tau_from_sorted_delta2`, as the released scripts call it:
+    no `miniclip_*`), re-implemented here from its behaviour to document where ours differs:
+
+    - trust region: the sign of each row's advantage is read from its first token (|A| > 1e-12),
+      and `r > 1` / `r < 1` are decided as `exp(d) > 1 + 1e-12` / `< 1 - 1e-12` in the input dtype;
+    - no trust-region token, or a mean `d**2` <= tau + 1e-12: ratio bounds `[0, 1e5]`;
+    - otherwise, on the sorted `m = d**2`, the first `k` with `(m_k - 1e-12) (n - k - 1) + sum_{j<=k} m_j
+      >= tau n - 1e-12` gives the cap `0` if `k == 0`, else `sqrt(m_(k-1) - 1e-12)`: a data point just
+      below the exact solution.
+
+    Returns (lower ratio bound, upper ratio bound, cap on |d|; inf for the `[0, 1e5]` case)."""
+    first_advantage = advantages[:, 0].tolist()
+    ratio = torch.exp(log_ratio)  # input dtype
+    moments = []
+    for row, a in enumerate(first_advantage):
+        for col in range(log_ratio.shape[1]):
+            if not bool(response_mask[row, col]):
+                continue
+            r = ratio[row, col]
+            harmful = (a > 1e-12 and bool(r > 1.0 + 1e-12)) or (a < -1e-12 and bool(r < 1.0 - 1e-12))
+            if harmful:
+                moments.append(float(log_ratio[row, col].square()))
+    placeholder = (0.0, 100000.0, math.inf)
+    if not moments or sum(moments) / len(moments) <= tau + 1e-12:
+        return placeholder
+    moments.sort()
+    n, target = len(moments), tau * len(moments)
+    prefix = 0.0
+    for k, m in enumerate(moments):
+        prefix += m
+        if (m - 1e-12) * (n - k - 1) + prefix >= target - 1e-12:
+            if k == 0:
+                cap = 0.0
+            else:
+                squared = moments[k - 1] - 1e-12
+                if squared < 0:
+                    raise ReleasedSolverError(f"sqrt of {squared}")
+                cap = math.sqrt(squared)
+            # float32 bounds, as released
+            return torch.exp(torch.tensor(-cap)).item(), torch.exp(torch.tensor(cap)).item(), cap
+    return placeholder

@@ -365,6 +365,8 @@ def test_every_script_has_a_cpu_smoke_config(script, tmp_path, tiny_dir, monkeyp
     assert updates_per_step(smoke) == updates_per_step(original)
     assert smoke.data.train_batch_size < original.data.train_batch_size
     assert smoke.actor_rollout_ref.rollout.name == "hf" and smoke.trainer.n_gpus_per_node == 1
+    for role in ("actor", "ref"):  # one worker: no sequence parallelism (the 32B scripts split 4 ways)
+        assert smoke.actor_rollout_ref[role].fsdp_config.ulysses_sequence_parallel_size == 1
     for key in ("trainer.v1.trainer_mode", "algorithm.rollout_correction", "actor_rollout_ref.rollout.calculate_log_probs"):
         assert OmegaConf.select(smoke, key) == OmegaConf.select(original, key), key  # the ratio the loss sees
     if script.startswith("async/"):  # verl's separate_async: one worker + one standalone replica

@@ -38,10 +38,55 @@ def _python_call(script: str, *args: str, tmp_path) -> list[str]:
     return record.read_text().splitlines()
 
 
+MODELS = ("llama3.2-3b-instruct", "qwen2.5-math-7b", "qwen3-base-1.7b", "qwen3-base-4b", "qwen3-base-8b", "qwen2.5-32b")
+TAU_ABLATION = (0.005, 0.01, 0.02, 0.08, 0.16)  # and 0.04, each model's m2po_s256.sh
+
+
 def test_the_expected_experiments_exist():
-    assert len(EXPERIMENT_SCRIPTS) == 7 + 5 * 3 + 6 + 3  # ... + the asynchronous M2PO, M2PO decoupled and GRPO
-    for s in ("grpo_s0", "grpo_s8", "grpo_s256", "grpo_no_tr_s256", "m2po_s0", "m2po_s8", "m2po_s256"):
-        assert f"qwen2.5-math-7b/{s}.sh" in EXPERIMENT_SCRIPTS
+    expected = {f"{llm}/{s}.sh" for llm in MODELS for s in ("grpo_s0", "grpo_s256", "gspo_s256", "m2po_s256")}
+    expected |= {f"qwen2.5-math-7b/{s}.sh" for s in ("grpo_s8", "m2po_s0", "m2po_s8")}
+    # GRPO without trust region at s=256 (the paper's collapse figures)
+    expected |= {f"{llm}/grpo_no_tr_s256.sh" for llm in ("llama3.2-3b-instruct", "qwen2.5-math-7b", "qwen2.5-32b")}
+    expected |= {f"staleness-sweep/{m}_s{s}.sh" for m in ("grpo", "m2po") for s in (32, 64, 128)}
+    expected |= {f"tau-ablation/{llm}_m2po_tau{tau}_s256.sh" for llm in ("llama3.2-3b-instruct", "qwen2.5-math-7b")
+                 for tau in TAU_ABLATION}
+    expected |= {f"async/{s}_separate_async.sh" for s in ("m2po", "m2po_decoupled", "grpo")}
+    assert set(EXPERIMENT_SCRIPTS) == expected
+
+
+@pytest.mark.parametrize("llm", MODELS)
+def test_gspo_runs_at_its_papers_settings(llm, tmp_path):
+    config = _resolved(f"{llm}/gspo_s256.sh", tmp_path)
+    actor = config["actor_rollout_ref"]["actor"]
+    assert actor["policy_loss"]["loss_mode"] == "gspo"
+    assert (actor["clip_ratio_low"], actor["clip_ratio_high"]) == (3e-4, 4e-4)
+    assert actor["loss_agg_mode"] == "seq-mean-token-mean"
+    assert config["m2po"]["stale"]["staleness_updates"] == 256
+    # Everything but the loss is the GRPO s=256 run's.
+    grpo = _resolved(f"{llm}/grpo_s256.sh", tmp_path)
+    assert _diff(grpo, config) == [
+        "actor_rollout_ref.actor.clip_ratio_high", "actor_rollout_ref.actor.clip_ratio_low",
+        "actor_rollout_ref.actor.loss_agg_mode", "actor_rollout_ref.actor.policy_loss.loss_mode",
+        "actor_rollout_ref.rollout.trace.experiment_name",
+        "critic.loss_agg_mode",  # verl interpolates the actor's (no critic runs with GRPO advantages)
+        "m2po.experiment.method", "trainer.default_local_dir", "trainer.experiment_name",
+    ]
+
+
+@pytest.mark.parametrize("llm", ["llama3.2-3b-instruct", "qwen2.5-math-7b"])
+def test_tau_ablation_changes_only_tau(llm, tmp_path):
+    main = _resolved(f"{llm}/m2po_s256.sh", tmp_path)
+    for tau in TAU_ABLATION:
+        config = _resolved(f"tau-ablation/{llm}_m2po_tau{tau}_s256.sh", tmp_path)
+        assert config["actor_rollout_ref"]["actor"]["policy_loss"]["m2_threshold"] == tau
+        assert config["trainer"]["experiment_name"] == f"{llm}-m2po_tau{tau}-s256"
+        assert _diff(main, config) == [
+            "actor_rollout_ref.actor.policy_loss.m2_threshold", "actor_rollout_ref.rollout.trace.experiment_name",
+            "m2po.experiment.method", "trainer.default_local_dir", "trainer.experiment_name",
+        ]
+    with open(os.path.join(SCRIPTS_DIR, "tau-ablation", "run_all.sh")) as f:
+        run_all = f.read()
+    assert "0.005 0.01 0.02 0.04 0.08 0.16" in run_all
 
 
 @pytest.mark.parametrize("script", EXPERIMENT_SCRIPTS)

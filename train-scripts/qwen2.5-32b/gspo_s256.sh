@@ -1,0 +1,6 @@
+#!/usr/bin/env bash
+# Qwen2.5-32B, 4 nodes x 8xH100 | GSPO (clip 3e-4/4e-4, sequence-level) | staleness 256 updates
+# usage: bash $0 [--dry-run] [--cpu-smoke] [hydra overrides]    (see train-scripts/launch.sh)
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/../launch.sh"
+launch llm=qwen2.5-32b method=gspo m2po.stale.staleness_updates=256 "$@"
