@@ -31,6 +31,7 @@ LAYERS = {
     # command-line tools
     "dry_run": 4,
     "selfcheck": 4,
+    "report": 4,
     "cli": 5,
     "__main__": 6,
 }

@@ -23,6 +23,7 @@ from m2po.cpu_backend.patches import _collapse_gloo_backend
 from m2po.cpu_backend.sampler import SampleRequest, request_seed, sample_batch
 from m2po.cpu_backend.smoke import smoke_overrides
 from m2po.configs import compose as compose_config
+from m2po.data import PAPER_BENCHMARKS
 from m2po.dry_run import main as dry_run_main
 from tests.test_train_scripts import EXPERIMENT_SCRIPTS, SCRIPTS_DIR, _python_call
 
@@ -136,6 +137,10 @@ def test_tiny_dataset_rows_are_verl_rows_with_single_digit_answers(tiny_dir):
         a, b = row["prompt"][0]["content"].rstrip("=").split("+")
         assert row["reward_model"]["ground_truth"] == str(int(a) + int(b)) and int(a) + int(b) <= 9
     assert compute_score(tiny.DATA_SOURCE, "so 7.", "7") == 1.0 and compute_score(tiny.DATA_SOURCE, "8", "7") == 0.0
+    assert {row["data_source"] for row in rows} == {tiny.DATA_SOURCE}
+    # validation rows are named after the paper's eight benchmarks, two each (what `m2po report` reads)
+    val = pd.read_parquet(os.path.join(tiny_dir, "val.parquet")).to_dict(orient="records")
+    assert sorted(row["data_source"] for row in val) == sorted(PAPER_BENCHMARKS * (tiny.VAL_ROWS // 8))
 
 
 def _requests(prompts, seeds, temperature=1.0, max_tokens=6, top_k=-1, top_p=1.0):

@@ -15,6 +15,8 @@ import os
 import pytest
 
 from m2po.cpu_backend.smoke import smoke_overrides
+from m2po.data import PAPER_BENCHMARKS
+from m2po.report import benchmark_average, main as report_main, validation_accuracy
 from m2po.configs import compose as compose_config
 from m2po.verl_integration.ledger import LEDGER_FILE, read_ledger
 from tests.cpu_e2e import read_jsonl, run_main_ppo
@@ -43,15 +45,20 @@ def assert_ok(run):
     assert run.returncode == 0, run.tail()
 
 
-def test_m2po_on_policy_through_verl_with_two_fsdp_workers(tmp_path, tiny_cache):
+def test_m2po_on_policy_through_verl_with_two_fsdp_workers(tmp_path, tiny_cache, capsys):
     run = run_main_ppo(
         str(tmp_path),
         "m2po-on-policy",
-        ["actor_rollout_ref.rollout.n=4", "trainer.n_gpus_per_node=2"],  # FSDP2 over gloo, 2 rollout replicas
+        [
+            "actor_rollout_ref.rollout.n=4",
+            "trainer.n_gpus_per_node=2",  # FSDP2 over gloo, 2 rollout replicas
+            "trainer.val_before_train=true",  # validation before training and after every step,
+            "trainer.test_freq=1",  # on the tiny val set named after the paper's 8 benchmarks
+        ],
         tiny_cache,
     )
     assert_ok(run)
-    steps = run.by_step()
+    steps = {step: m for step, m in run.by_step().items() if step > 0}
     assert sorted(steps) == [1, 2, 3]
     for step, metrics in steps.items():
         # produced by our loss inside verl's FSDP workers
@@ -77,6 +84,19 @@ def test_m2po_on_policy_through_verl_with_two_fsdp_workers(tmp_path, tiny_cache)
     served = [r for r in syncs if r["weight_version"] > 1]
     assert sum(r["requests_since_last_sync"] for r in served) == 3 * 16  # reported at the sync after each step
     assert sum(r["requests_since_last_sync"] for r in served) > 2 * sum(r["batches_since_last_sync"] for r in served)
+    # `m2po report` on what verl logged: the 8 benchmarks, the best of 4 evaluations, the table
+    metrics_file = os.path.join(run.output_dir, "metrics-0.jsonl")
+    accuracy = {s: validation_accuracy(m) for s, m in run.by_step().items()}
+    assert sorted(accuracy) == [0, 1, 2, 3] and all(set(a) == set(PAPER_BENCHMARKS) for a in accuracy.values())
+    capsys.readouterr()
+    assert report_main([metrics_file, "--out", str(tmp_path / "report")]) == 0
+    printed = capsys.readouterr().out
+    best = max(sorted(accuracy), key=lambda s: benchmark_average(accuracy[s])[0])
+    row = [f"{100 * accuracy[best][b]:.1f}" for b in PAPER_BENCHMARKS]
+    average = f"{100 * benchmark_average(accuracy[best])[0]:.1f}"
+    clipped = f"{100 * sum(m['actor/pg_clipfrac'] for m in steps.values()) / 3:.2f}"
+    assert f"| metrics-0 | {best} | " + " | ".join(row) + f" | {average} | {clipped} |" in printed
+    assert len(os.listdir(tmp_path / "report")) == 6  # report.md, report.json, 4 plots
 
 
 @pytest.fixture(scope="module")

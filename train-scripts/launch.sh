@@ -12,7 +12,8 @@
 #                    print that config instead
 #   anything else    a hydra override applied last, e.g. actor_rollout_ref.model.path=/ckpt/qwen
 #                    trainer.nnodes=2 trainer.n_gpus_per_node=8 data.train_files=...
-# PYTHON selects the interpreter (default: python); DATA_DIR the data folder (default: data).
+# PYTHON selects the interpreter (default: python); DATA_DIR the data folder (default: data);
+# VERL_FILE_LOGGER_ROOT where verl's metrics file goes (default: checkpoints, see below).
 
 launch() {
     local python=${PYTHON:-python}
@@ -38,6 +39,9 @@ launch() {
     if ((dry_run)); then
         exec "$python" -m m2po.dry_run --config-name m2po_paper "${overrides[@]}"
     fi
+    # verl's file logger writes <root>/<project>/<experiment>.jsonl: with the root "checkpoints" that is
+    # beside the run's folder (trainer.default_local_dir), where `m2po report <folder>` looks.
+    export VERL_FILE_LOGGER_ROOT=${VERL_FILE_LOGGER_ROOT:-checkpoints}
     local config_dir
     config_dir=$("$python" -m m2po config-dir)
     exec "$python" -m verl.trainer.main_ppo --config-path "$config_dir" --config-name m2po_paper "${overrides[@]}"

@@ -24,7 +24,7 @@ import json
 import os
 import string
 
-VERSION = 1
+VERSION = 2  # 2: validation rows carry the paper benchmarks' data-source names
 DATA_SOURCE = "m2po_cpu_tiny_addition"
 IM_START, IM_END, END_OF_TEXT, UNK = "<|im_start|>", "<|im_end|>", "<|endoftext|>", "<unk>"
 SPECIAL_TOKENS = (END_OF_TEXT, IM_START, IM_END, UNK)
@@ -78,8 +78,12 @@ def build_model(seed: int = 0):
 
 
 def addition_rows(count: int, split: str, seed: int) -> list[dict]:
-    """verl RL rows: chat prompt, ground truth, data source; a + b <= 9 so answers are one digit."""
+    """verl RL rows: chat prompt, ground truth, data source; a + b <= 9 so answers are one digit.
+    Validation rows take the data-source names of the paper's eight benchmarks in turn, so that a
+    smoke run's validation metrics have the layout `m2po report` reads from a real run."""
     import random
+
+    from m2po.data import PAPER_BENCHMARKS
 
     rng = random.Random(seed)
     rows = []
@@ -88,7 +92,7 @@ def addition_rows(count: int, split: str, seed: int) -> list[dict]:
         b = rng.randint(0, 9 - a)
         rows.append(
             {
-                "data_source": DATA_SOURCE,
+                "data_source": PAPER_BENCHMARKS[index % len(PAPER_BENCHMARKS)] if split == "val" else DATA_SOURCE,
                 "prompt": [{"role": "user", "content": f"{a}+{b}="}],
                 "ability": "arithmetic",
                 "reward_model": {"style": "rule", "ground_truth": str(a + b)},

@@ -69,6 +69,13 @@ DATASETS: dict[str, DatasetSpec] = {
 }
 
 
+# The eight evaluation sets of the paper, in its Table 1 order, by data source (verl groups validation
+# metrics by it): AIME repeated 4x with 4 samples each is avg@16, the others avg@4.
+PAPER_BENCHMARKS = (
+    "math500", "aime24x4", "aime25x4", "amc23", "amc24", "minerva", "gaokao2023en", "olympiadbench",
+)
+
+
 def _pick(row: dict, columns: tuple[str, ...], what: str, dataset: str):
     for column in columns:
         if column in row and row[column] is not None:
