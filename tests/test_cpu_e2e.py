@@ -14,6 +14,7 @@ import os
 
 import pytest
 
+from m2po.cpu_backend import tiny
 from m2po.cpu_backend.smoke import smoke_overrides
 from m2po.data import PAPER_BENCHMARKS
 from m2po.report import benchmark_average, main as report_main, validation_accuracy
@@ -82,7 +83,9 @@ def test_m2po_on_policy_through_verl_with_two_fsdp_workers(tmp_path, tiny_cache,
     assert len({next(iter(seen))[1] for seen in by_version.values()}) == 4
     # each step's 16 requests (4 prompts x 4) reach the 2 servers and are sampled in batches, not one by one
     served = [r for r in syncs if r["weight_version"] > 1]
-    assert sum(r["requests_since_last_sync"] for r in served) == 3 * 16  # reported at the sync after each step
+    # reported at the sync after each step; with the validations before training and after steps 1 and
+    # 2 (16 prompts, 1 sample each; the one after step 3 follows the last sync)
+    assert sum(r["requests_since_last_sync"] for r in served) == 3 * 16 + 3 * tiny.VAL_ROWS
     assert sum(r["requests_since_last_sync"] for r in served) > 2 * sum(r["batches_since_last_sync"] for r in served)
     # `m2po report` on what verl logged: the 8 benchmarks, the best of 4 evaluations, the table
     metrics_file = os.path.join(run.output_dir, "metrics-0.jsonl")
