@@ -45,6 +45,8 @@ TAU_ABLATION = (0.005, 0.01, 0.02, 0.08, 0.16)  # and 0.04, each model's m2po_s2
 def test_the_expected_experiments_exist():
     expected = {f"{llm}/{s}.sh" for llm in MODELS for s in ("grpo_s0", "grpo_s256", "gspo_s256", "m2po_s256")}
     expected |= {f"qwen2.5-math-7b/{s}.sh" for s in ("grpo_s8", "m2po_s0", "m2po_s8")}
+    # the other off-policy baselines at s=256: TOPR (ours) and CISPO (verl's)
+    expected |= {f"qwen2.5-math-7b/{s}_s256.sh" for s in ("topr", "cispo")}
     # GRPO without trust region at s=256 (the paper's collapse figures)
     expected |= {f"{llm}/grpo_no_tr_s256.sh" for llm in ("llama3.2-3b-instruct", "qwen2.5-math-7b", "qwen2.5-32b")}
     expected |= {f"staleness-sweep/{m}_s{s}.sh" for m in ("grpo", "m2po") for s in (32, 64, 128)}

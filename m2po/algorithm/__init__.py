@@ -1,5 +1,7 @@
 """The M2PO algorithm in plain PyTorch (no verl import): reusable anywhere, tested on its own."""
 
+from m2po.algorithm.baselines import topr_token_losses
+
 from m2po.algorithm.losses import (
     LOG_RATIO_LIMIT,
     LOSS_AGG_MODES,
@@ -42,6 +44,7 @@ __all__ = [
     "second_moment_clip_bound",
     "second_moment_keep_mask",
     "stats_to_floats",
+    "topr_token_losses",
     "trust_region_mask",
     "validate_policy_inputs",
 ]

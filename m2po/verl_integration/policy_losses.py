@@ -21,6 +21,7 @@ from m2po.algorithm import (
     m2po_token_losses,
     no_trust_region_token_losses,
     stats_to_floats,
+    topr_token_losses,
 )
 from m2po.verl_integration.behaviour_ratio import CORRECTION_KEY, UNTRUNCATED_IS_THRESHOLD
 from m2po.verl_integration.config import M2POPolicyLossConfig
@@ -181,3 +182,30 @@ def compute_policy_loss_no_trust_region(
         **_algorithm_arguments(old_log_prob, log_prob, advantages, response_mask, rollout_is_weights)
     )
     return _to_verl(out, response_mask, loss_agg_mode, config)
+
+
+@register_policy_loss("topr")
+def compute_policy_loss_topr(
+    old_log_prob: torch.Tensor,
+    log_prob: torch.Tensor,
+    advantages: torch.Tensor,
+    response_mask: torch.Tensor,
+    loss_agg_mode: str = "token-mean",
+    config: Any = None,
+    rollout_is_weights: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """TOPR, Tapered Off-Policy REINFORCE (arXiv 2503.14286): see `m2po.algorithm.baselines`.
+
+    Metrics: `actor/topr/*`, `actor/ppo_kl`, and `actor/pg_clipfrac` = the fraction of tokens whose
+    weight the taper cut below 1 (negative-advantage responses more likely now than when generated).
+    """
+    out = topr_token_losses(log_prob, old_log_prob, advantages, response_mask)
+    token_losses = out.token_losses if rollout_is_weights is None else out.token_losses * rollout_is_weights
+    global_batch_info = getattr(config, "global_batch_info", None) or {}
+    loss = agg_loss(loss_mat=token_losses, loss_mask=response_mask, loss_agg_mode=loss_agg_mode, **global_batch_info)
+    stats = stats_to_floats(out.stats)
+    metrics = {f"actor/topr/{name}": value for name, value in stats.items()}
+    metrics["actor/ppo_kl"] = stats["ppo_kl"]
+    metrics["actor/pg_clipfrac"] = stats["truncated_fraction"]
+    return loss, metrics
+
