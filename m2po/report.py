@@ -223,7 +223,8 @@ def run_section(run: RunLog, summary: RunSummary) -> str:
             f"best evaluation: step {summary.best_step} ({summary.best_updates} actor updates, u = "
             f"{run.updates_per_step} from {run.updates_source}), average {_pct(summary.average)}%"
         )
-        lines += [f"  {name}: {_pct(value)}%" for name, value in summary.accuracy.items()]
+        order = [b for b in PAPER_BENCHMARKS if b in summary.accuracy] + sorted(set(summary.accuracy) - set(PAPER_BENCHMARKS))
+        lines += [f"  {name}: {_pct(summary.accuracy[name])}%" for name in order]
     lines.append(
         f"mean masked/clipped fraction over {summary.training_steps} training steps: "
         f"{_pct(summary.masked_or_clipped_fraction, 3)}%"
