@@ -147,7 +147,6 @@ class StaleRolloutBuffer:
         self._next_id = 0
         self._last_staleness: int | None = None
         self._reader: ThreadPoolExecutor | None = None
-        self.last_save: SaveReport | None = None
         if spill_dir is not None:
             os.makedirs(spill_dir, exist_ok=True)
             for stale_file in glob.glob(os.path.join(spill_dir, "entry-*.safetensors*")):
@@ -284,13 +283,8 @@ class StaleRolloutBuffer:
                 )
 
     def _take_tensors(self, entry: _Entry) -> dict[str, torch.Tensor]:
-        """The entry's compact tensors: from RAM, from its background read, or from the store now.
-        What comes from disk is verified against the content hash; RAM entries never changed."""
-        if entry.pending is not None:
-            entry.tensors, entry.pending = entry.pending.result(), None
-        if entry.tensors is None:
-            entry.tensors = _read_verified(entry.store_path, entry.dtypes, entry.content_hash, self._describe(entry))
-        tensors, entry.tensors = entry.tensors, None
+        """The entry's compact tensors (see `_ram_tensors`), which the entry no longer holds."""
+        tensors, entry.tensors = self._ram_tensors(entry), None
         return tensors
 
     def _describe(self, entry: _Entry) -> str:
@@ -331,9 +325,7 @@ class StaleRolloutBuffer:
                     atomic_save_tensors(path, self._ram_tensors(entry), metadata={})
                     written += os.path.getsize(path)
                 else:
-                    if entry.store_path is None:
-                        entry.tensors = self._ram_tensors(entry)
-                        written += self._write_to_store(entry)
+                    written += self._write_to_store(entry)  # only batches not on disk yet (in RAM)
                     if link_or_copy(entry.store_path, path):
                         linked += 1
                     else:
@@ -357,10 +349,12 @@ class StaleRolloutBuffer:
                 "entries": entries,
             }
             atomic_write_bytes(os.path.join(tmp_dir, MANIFEST), json.dumps(manifest, indent=1).encode())
-        self.last_save = SaveReport(len(entries), written, linked, copied)
-        return self.last_save
+        return SaveReport(len(entries), written, linked, copied)
 
     def _ram_tensors(self, entry: _Entry) -> dict[str, torch.Tensor]:
+        """The entry's compact tensors: from RAM, from its background read, or from the store now
+        (not kept). What comes from disk is verified against the content hash; RAM entries never
+        changed."""
         if entry.pending is not None:
             entry.tensors, entry.pending = entry.pending.result(), None
         if entry.tensors is None:  # only stored entries are not in RAM

@@ -65,13 +65,16 @@ def _algorithm_arguments(old_log_prob, log_prob, advantages, response_mask, roll
     }
 
 
+def _aggregate(token_losses: torch.Tensor, response_mask: torch.Tensor, loss_agg_mode: str, config: Any) -> torch.Tensor:
+    """verl's own `agg_loss` with the global batch info: the loss scale of verl's vanilla loss."""
+    global_batch_info = getattr(config, "global_batch_info", None) or {}
+    return agg_loss(loss_mat=token_losses, loss_mask=response_mask, loss_agg_mode=loss_agg_mode, **global_batch_info)
+
+
 def _to_verl(
     out: TokenLosses, response_mask: torch.Tensor, loss_agg_mode: str, config: Any
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    global_batch_info = getattr(config, "global_batch_info", None) or {}
-    loss = agg_loss(
-        loss_mat=out.token_losses, loss_mask=response_mask, loss_agg_mode=loss_agg_mode, **global_batch_info
-    )
+    loss = _aggregate(out.token_losses, response_mask, loss_agg_mode, config)
     stats = stats_to_floats(out.stats)
     metrics = {METRIC_PREFIX + name: value for name, value in stats.items()}
     # verl's standard keys, so dashboards compare M2PO with clipped GRPO directly: the fraction of
@@ -201,8 +204,7 @@ def compute_policy_loss_topr(
     """
     out = topr_token_losses(log_prob, old_log_prob, advantages, response_mask)
     token_losses = out.token_losses if rollout_is_weights is None else out.token_losses * rollout_is_weights
-    global_batch_info = getattr(config, "global_batch_info", None) or {}
-    loss = agg_loss(loss_mat=token_losses, loss_mask=response_mask, loss_agg_mode=loss_agg_mode, **global_batch_info)
+    loss = _aggregate(token_losses, response_mask, loss_agg_mode, config)
     stats = stats_to_floats(out.stats)
     metrics = {f"actor/topr/{name}": value for name, value in stats.items()}
     metrics["actor/ppo_kl"] = stats["ppo_kl"]
