@@ -111,11 +111,13 @@ def decoupled_token_losses(
     clip_low: float,
     clip_high: float,
     clip_c: float | None,
+    behaviour_weight_cap: float | None = None,
 ) -> torch.Tensor:
     """AReaL's decoupled M2PO, token by token: the Algorithm 1 mask (above) over every valid token
     of `d = log pi_prox - log pi_behav`, then `exp(d) * max(-A r, -A clip(r))` with
-    `r = pi_theta / pi_prox` (dual clip `min(., -A c)` for `A < 0`), 0 where masked or padding.
-    Differentiable in `log_probs` (built from per-token scalar ops)."""
+    `r = pi_theta / pi_prox` (dual clip `min(., -A c)` for `A < 0`), 0 where masked, padding, or
+    `exp(d)` above `behaviour_weight_cap` (AReaL's behav_imp_weight_cap). With tau = inf: AReaL's
+    decoupled PPO. Differentiable in `log_probs` (built from per-token scalar ops)."""
     keep = algorithm1_keep_mask(torch.where(response_mask, staleness_log_ratio, 0.0), response_mask, tau)
     flat_lp = log_probs.reshape(-1)
     flat = zip(
@@ -127,7 +129,7 @@ def decoupled_token_losses(
     )
     out = []
     for i, (prox, d, a, valid, kept) in enumerate(flat):
-        if not (valid and kept):
+        if not (valid and kept) or (behaviour_weight_cap is not None and math.exp(d) > behaviour_weight_cap):
             out.append(flat_lp[i] * 0.0)
             continue
         ratio = torch.exp(flat_lp[i] - prox)

@@ -74,9 +74,32 @@ def test_decoupled_variant_refuses_what_would_corrupt_the_weights(override, mess
 
 
 @pytest.mark.parametrize("mode", ["sync", "m2po_stale"])
-def test_decoupled_variant_needs_an_async_trainer(mode):
-    (error,) = _errors(*_mode(mode), "actor_rollout_ref.actor.policy_loss.m2po_variant=decoupled")
-    assert "m2po_variant=decoupled needs an asynchronous trainer" in error and repr(mode) in error
+@pytest.mark.parametrize("loss", ["m2po_variant=decoupled", "loss_mode=decoupled_ppo"])
+def test_decoupled_losses_need_a_proximal_policy(mode, loss):
+    (error,) = _errors(*_mode(mode), f"actor_rollout_ref.actor.policy_loss.{loss}")
+    assert f"{loss} needs a proximal policy: an asynchronous trainer" in error and repr(mode) in error
+    assert "m2po.stale.recompute_proximal=true" in error
+
+
+RECOMPUTE = [*_mode("m2po_stale"), "m2po.stale.recompute_proximal=true"]
+
+
+@pytest.mark.parametrize("loss", ["m2po_variant=decoupled", "loss_mode=decoupled_ppo"])
+def test_stale_trainer_recomputing_the_proximal_policy_runs_the_decoupled_losses(loss):
+    assert _errors(*RECOMPUTE, *DECOUPLED_WEIGHTS, f"actor_rollout_ref.actor.policy_loss.{loss}") == []
+    errors = _errors(*RECOMPUTE, f"actor_rollout_ref.actor.policy_loss.{loss}")  # verl's defaults: no weights
+    assert any(f"rollout_is=None: {loss} needs per-token weights" in error for error in errors), errors
+
+
+@pytest.mark.parametrize("loss", ["m2po", "no_trust_region", "vanilla"])
+def test_stale_trainer_recomputing_the_proximal_policy_refuses_what_drops_the_gap(loss):
+    (error,) = _errors(*RECOMPUTE, f"actor_rollout_ref.actor.policy_loss.loss_mode={loss}")
+    assert "m2po.stale.recompute_proximal=true, old_log_prob is recomputed by the current actor" in error
+    assert "set m2po.stale.recompute_proximal=false" in error
+    # with the weights: PPO with IS weights and no_trust_region (w * r_prox = r_behav) are fine; the
+    # paper's M2PO never is (it would bound pi_theta / pi_prox)
+    weighted = _errors(*RECOMPUTE, *DECOUPLED_WEIGHTS, f"actor_rollout_ref.actor.policy_loss.loss_mode={loss}")
+    assert (weighted != []) == (loss == "m2po")
 
 
 def test_sync_trainers_are_untouched_and_bypass_needs_rollout_log_probs():

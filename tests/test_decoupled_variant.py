@@ -200,3 +200,40 @@ def test_verl_wrapper_refuses_missing_or_zeroed_weights():
                                         global_batch_size=4, rollout_is_weights=icepop)
     with pytest.raises(ValueError, match="rollout_is_weights <= 0"):
         ppo_loss(config, model_output, data)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_decoupled_ppo_through_verl_is_areals_loss(seed):
+    """loss_mode=decoupled_ppo (AReaL's use_decoupled_loss, behav_imp_weight_cap 5) in verl's decoupled
+    mode against the token-by-token reference with no M2 mask: loss, gradient, capped and clipped tokens."""
+    current, proximal, behaviour, advantages, mask = _three_policies(seed, staleness=1.5)
+    weights = _verl_weights(proximal, behaviour, mask)
+    prompts = [2] * current.shape[0]
+    tokens = int(mask.sum())
+    config = actor_config(loss_mode="decoupled_ppo", clip_ratio=0.2, behaviour_weight_cap=5.0)
+    model_output, data, flat = micro_batch(
+        current, proximal, advantages, mask, prompts, batch_num_tokens=tokens, global_batch_size=8,
+        rollout_is_weights=weights,
+    )
+    loss, metrics = ppo_loss(config, model_output, data)
+    loss.backward()
+    ref_lp = current.clone().requires_grad_()
+    ref = decoupled_token_losses(ref_lp, proximal, proximal - behaviour, advantages, mask, math.inf, 0.2, 0.2, 3.0, 5.0)
+    (ref.sum() / tokens).backward()
+    torch.testing.assert_close(loss, ref.sum() / tokens, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(response_grad(flat.grad, mask, prompts), ref_lp.grad, rtol=1e-5, atol=1e-7)
+    capped = (mask & ((proximal - behaviour).exp() > 5.0)).sum().item() / tokens
+    assert capped > 0 and metrics["actor/m2po/behaviour_capped_fraction"].aggregate() == pytest.approx(capped)
+    assert metrics["actor/m2po/masked_fraction"].aggregate() == 0  # no M2 mask
+    # without a cap, the loss is the decoupled M2PO loss with tau = inf
+    uncapped = decoupled_m2po_token_losses(current, proximal, proximal - behaviour, advantages, mask, math.inf, 0.2, 0.2, 3.0)
+    reference = decoupled_token_losses(current, proximal, proximal - behaviour, advantages, mask, math.inf, 0.2, 0.2, 3.0)
+    torch.testing.assert_close(uncapped.token_losses, reference, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("cap", [1.0, 0.5, -2.0, True, "5"])
+def test_a_behaviour_weight_cap_that_is_not_above_one_is_refused(cap):
+    from m2po.verl_integration.config import M2POPolicyLossConfig
+
+    with pytest.raises(ValueError, match="policy_loss.behaviour_weight_cap must be a number > 1"):
+        M2POPolicyLossConfig(loss_mode="decoupled_ppo", behaviour_weight_cap=cap)

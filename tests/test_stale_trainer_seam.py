@@ -269,3 +269,78 @@ def test_ledger_survives_a_line_cut_by_a_crash(tmp_path):
     append_ledger_record(path, {"global_step": 2, "content_hash": "b"})
     assert read_ledger(path) == {1: {"global_step": 1, "content_hash": "a"}, 2: {"global_step": 2, "content_hash": "b"}}
     assert open(path).read().splitlines()[1] == '{"global_step": 2, "conte'
+
+
+PROXIMAL = {
+    "m2po.stale.recompute_proximal": "true",
+    "actor_rollout_ref.actor.policy_loss.loss_mode": "decoupled_ppo",
+    "algorithm.rollout_correction.rollout_is": "token",
+    "algorithm.rollout_correction.rollout_is_threshold": "5e8",
+}
+
+
+def _proximal_log_probs(step: int, key: str, length: int) -> torch.Tensor:
+    """What the stand-in actor's forward returns at `step` for one response: a function of both."""
+    return -0.5 - 0.01 * step - 0.001 * torch.arange(length, dtype=torch.float32) - 0.0001 * (sum(map(ord, key)) % 97)
+
+
+class _ActorWorkerGroup(_FakeWorkerGroup):
+    """Also the actor's forward (verl's compute_log_prob): writes log-probs over prompt + response, as
+    verl's workers do (the response's log-probs sit one position left of the response)."""
+
+    step = 0
+
+    def compute_log_prob(self, batch):
+        import transfer_queue as tq
+
+        data = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=["prompts", "responses"])
+        full = []
+        for key, prompt, response in zip(batch.keys, data["prompts"].unbind(), data["responses"].unbind()):
+            lp = _proximal_log_probs(self.step, key, response.numel())
+            full.append(torch.cat([torch.zeros(prompt.numel() - 1), lp, torch.zeros(1)]))
+        nested = torch.nested.as_nested_tensor(full, layout=torch.jagged)
+        from tensordict import TensorDict
+
+        fields = TensorDict({"log_probs": nested, "entropy": nested.clone()}, batch_size=len(full))
+        tq.kv_batch_put(keys=batch.keys, partition_id=batch.partition_id, fields=fields)
+        return batch
+
+
+def test_recompute_proximal_trains_against_the_current_actor_with_the_behaviour_log_probs_kept(tmp_path, transfer_queue):
+    """AReaL's decoupled PPO at stale@k: old_log_probs = the current actor's (pi_prox), rollout_log_probs =
+    the behaviour log-probs of the batch's generation, and verl's rollout correction turns the gap into
+    exact token weights pi_prox / pi_behav."""
+    import numpy as np
+    from verl import DataProto
+    from verl.trainer.ppo.rollout_corr_helper import compute_rollout_correction_and_add_to_batch
+
+    k = 4
+    config = _config(tmp_path, k, **PROXIMAL)
+    trainer = _trainer(config)
+    trainer.actor_rollout_wg = _ActorWorkerGroup()
+    _warm_up(trainer)
+    d = k // (PROMPTS // MINI)
+    for step in range(1, 6):
+        trainer.global_steps = trainer.actor_rollout_wg.step = step
+        metrics = {}
+        batch = trainer._compute_old_log_prob(_generate(step, 0), metrics)
+        data = transfer_queue.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id)
+        generated_at = step - d if step > d else step  # warm-up batch `step` ("s{step}p..") before d
+        for i, key in enumerate(batch.keys):
+            prompt, session = int(key.split("p")[1].split("_")[0]), int(key.split("_")[1])
+            behaviour = _generated_sample(generated_at * 10 if step > d else step, prompt, session)["rollout_log_probs"]
+            assert torch.equal(data["rollout_log_probs"][i], behaviour)
+            assert torch.equal(data["old_log_probs"][i], _proximal_log_probs(step, key, behaviour.numel()))
+        assert "actor/entropy" in metrics  # verl's own recompute ran
+        padded = DataProto(batch=data.select("old_log_probs", "rollout_log_probs", "response_mask").to_padded_tensor())
+        weighted, _ = compute_rollout_correction_and_add_to_batch(padded, config.algorithm.rollout_correction)
+        mask = weighted.batch["response_mask"].bool()
+        expected = (weighted.batch["old_log_probs"] - weighted.batch["rollout_log_probs"]).exp()
+        np.testing.assert_allclose(weighted.batch["rollout_is_weights"][mask].numpy(), expected[mask].numpy(), rtol=1e-6)
+        transfer_queue.kv_clear(keys=batch.keys, partition_id=batch.partition_id)
+
+
+def test_recompute_proximal_with_the_papers_m2po_is_refused_at_construction(tmp_path, transfer_queue):
+    config = _config(tmp_path, 4, **{**PROXIMAL, "actor_rollout_ref.actor.policy_loss.loss_mode": "m2po"})
+    with pytest.raises(ValueError, match="recompute_proximal=true.*M2PO's mask would bound the wrong second moment"):
+        _trainer(config)

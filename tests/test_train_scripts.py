@@ -45,8 +45,8 @@ TAU_ABLATION = (0.005, 0.01, 0.02, 0.08, 0.16)  # and 0.04, each model's m2po_s2
 def test_the_expected_experiments_exist():
     expected = {f"{llm}/{s}.sh" for llm in MODELS for s in ("grpo_s0", "grpo_s256", "gspo_s256", "m2po_s256")}
     expected |= {f"qwen2.5-math-7b/{s}.sh" for s in ("grpo_s8", "m2po_s0", "m2po_s8")}
-    # the other off-policy baselines at s=256: TOPR (ours) and CISPO (verl's)
-    expected |= {f"qwen2.5-math-7b/{s}_s256.sh" for s in ("topr", "cispo")}
+    # the other off-policy baselines at s=256: TOPR, GPPO and AReaL's decoupled PPO (ours), CISPO (verl's)
+    expected |= {f"qwen2.5-math-7b/{s}_s256.sh" for s in ("topr", "gppo", "decoupled_ppo", "cispo")}
     # GRPO without trust region at s=256 (the paper's collapse figures)
     expected |= {f"{llm}/grpo_no_tr_s256.sh" for llm in ("llama3.2-3b-instruct", "qwen2.5-math-7b", "qwen2.5-32b")}
     expected |= {f"staleness-sweep/{m}_s{s}.sh" for m in ("grpo", "m2po") for s in (32, 64, 128)}
@@ -73,6 +73,27 @@ def test_gspo_runs_at_its_papers_settings(llm, tmp_path):
         "critic.loss_agg_mode",  # verl interpolates the actor's (no critic runs with GRPO advantages)
         "m2po.experiment.method", "trainer.default_local_dir", "trainer.experiment_name",
     ]
+
+
+RUN_NAME_KEYS = [
+    "actor_rollout_ref.rollout.trace.experiment_name", "m2po.experiment.method", "trainer.default_local_dir",
+    "trainer.experiment_name",
+]
+
+
+def test_gppo_and_decoupled_ppo_change_only_their_loss_against_grpo_s256(tmp_path):
+    grpo = _resolved("qwen2.5-math-7b/grpo_s256.sh", tmp_path)
+    gppo = _resolved("qwen2.5-math-7b/gppo_s256.sh", tmp_path)
+    assert _diff(grpo, gppo) == sorted([
+        "actor_rollout_ref.actor.clip_ratio_c", "actor_rollout_ref.actor.clip_ratio_high",
+        "actor_rollout_ref.actor.policy_loss.loss_mode", *RUN_NAME_KEYS,
+    ])
+    decoupled = _resolved("qwen2.5-math-7b/decoupled_ppo_s256.sh", tmp_path)
+    assert _diff(grpo, decoupled) == sorted([
+        "actor_rollout_ref.actor.policy_loss.behaviour_weight_cap", "actor_rollout_ref.actor.policy_loss.loss_mode",
+        "algorithm.rollout_correction.rollout_is", "algorithm.rollout_correction.rollout_is_threshold",
+        "m2po.stale.recompute_proximal", *RUN_NAME_KEYS,
+    ])
 
 
 @pytest.mark.parametrize("llm", ["llama3.2-3b-instruct", "qwen2.5-math-7b"])

@@ -1,6 +1,6 @@
 """The M2PO algorithm in plain PyTorch (no verl import): reusable anywhere, tested on its own."""
 
-from m2po.algorithm.baselines import topr_token_losses
+from m2po.algorithm.baselines import gppo_token_losses, topr_token_losses
 
 from m2po.algorithm.losses import (
     LOG_RATIO_LIMIT,
@@ -37,6 +37,7 @@ __all__ = [
     "check_variant",
     "decoupled_m2po_loss",
     "decoupled_m2po_token_losses",
+    "gppo_token_losses",
     "m2po_loss",
     "m2po_token_losses",
     "no_trust_region_loss",

@@ -316,6 +316,7 @@ def decoupled_m2po_token_losses(
     clip_ratio_high: float = 0.2,
     clip_ratio_c: float | None = None,
     check_finite: bool = True,
+    behaviour_weight_cap: float | None = None,
 ) -> TokenLosses:
     """AReaL's decoupled M2PO: mask on the staleness ratio, then decoupled PPO against the proximal policy.
 
@@ -332,6 +333,10 @@ def decoupled_m2po_token_losses(
     (AReaL stops at `< tau`, which differs only when a mean equals tau exactly), and when even the
     smallest `d**2` exceeds tau every token is masked (AReaL keeps one).
 
+    With `m2_threshold=inf` this is AReaL's decoupled PPO (`use_decoupled_loss`), and
+    `behaviour_weight_cap` is its `behav_imp_weight_cap`: a token whose `w` exceeds the cap
+    contributes 0 (and still counts in the denominator), as in AReaL's `ppo_actor_loss_fn`.
+
     Args:
         log_probs: `(batch, response_len)` log pi_theta (requires grad).
         proximal_log_probs: `(batch, response_len)` log pi_prox (verl's recomputed `old_log_prob` in
@@ -344,13 +349,17 @@ def decoupled_m2po_token_losses(
         clip_ratio_low, clip_ratio_high: PPO clip range of `pi_theta / pi_prox`.
         clip_ratio_c: dual-clip bound (> 1) for `A < 0`, or None.
         check_finite: reject NaN/inf on valid tokens (one host sync).
+        behaviour_weight_cap: drop tokens whose `w` exceeds it (> 0), or None for no cap.
 
     Returns:
-        TokenLosses; `keep_mask` is False on masked and on clipped tokens (no gradient); stats as for
-        the other variants with the candidates being every valid token and M2 that of `d`, plus
-        `clip_fraction` (kept tokens the PPO clip removed) and `behaviour_ratio_mean`/`_max` (`w`).
+        TokenLosses; `keep_mask` is False on masked, capped and clipped tokens (no gradient); stats as
+        for the other variants with the candidates being every valid token and M2 that of `d`, plus
+        `clip_fraction` (kept tokens the PPO clip removed), `behaviour_ratio_mean`/`_max` (`w`) and
+        `behaviour_capped_fraction` (valid tokens the cap dropped).
     """
     tau = check_m2_threshold(m2_threshold)
+    if behaviour_weight_cap is not None and not behaviour_weight_cap > 0:
+        raise ValueError(f"behaviour_weight_cap must be > 0 or None, got {behaviour_weight_cap!r}")
     named = {
         "log_probs": log_probs,
         "proximal_log_probs": proximal_log_probs,
@@ -381,9 +390,14 @@ def decoupled_m2po_token_losses(
         without_gradient = without_gradient | dual_binds
 
     behaviour_weight = staleness_log_ratio.exp()
-    token_losses = _finish(surrogate, m2_keep & response_mask, behaviour_weight)
+    capped = torch.zeros_like(response_mask)
+    if behaviour_weight_cap is not None:
+        capped = response_mask & (behaviour_weight > behaviour_weight_cap)
+    token_losses = _finish(surrogate, m2_keep & response_mask & ~capped, behaviour_weight)
     stats = _stats(ratio, log_ratio, second_moment, response_mask, response_mask, m2_keep)
     valid = response_mask.sum().to(torch.float64).clamp(min=1)
+    stats["behaviour_capped_fraction"] = capped.sum().to(torch.float64) / valid
+    m2_keep = m2_keep & ~capped
     clipped_kept = response_mask & m2_keep & without_gradient
     stats["clip_fraction"] = clipped_kept.sum().to(torch.float64) / valid
     stats["behaviour_ratio_mean"] = torch.where(response_mask, behaviour_weight, 0.0).sum(dtype=torch.float64) / valid

@@ -9,6 +9,7 @@ know, so M2PO's parameters live on a subclass of verl's `PolicyLossConfig`, sele
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 from verl.workers.config import FSDPActorConfig, PolicyLossConfig
 
@@ -26,16 +27,24 @@ class M2POPolicyLossConfig(PolicyLossConfig):
             trust-region tokens (paper default `PAPER_M2_THRESHOLD`, used in every paper run); inf disables it.
         m2po_variant (str): "mask" (paper Algorithm 1: drop the largest-(log r)^2 tokens),
             "clip" (authors' released code: PPO clip at the |log r| cap that meets tau) or
-            "decoupled" (AReaL's variant for verl's asynchronous trainers in decoupled mode: the mask
-            on log(pi_prox / pi_behav), then a PPO clip against pi_prox; see docs/async.md).
+            "decoupled" (AReaL's variant for verl's asynchronous trainers in decoupled mode, or
+            m2po_stale with m2po.stale.recompute_proximal: the mask on log(pi_prox / pi_behav), then
+            a PPO clip against pi_prox; see docs/async.md).
+        behaviour_weight_cap (float, optional): for the decoupled losses (`loss_mode=decoupled_ppo`,
+            `m2po_variant=decoupled`): drop tokens whose pi_prox / pi_behav exceeds it (AReaL's
+            `behav_imp_weight_cap`); None = no cap.
     """
 
     m2_threshold: float = PAPER_M2_THRESHOLD
     m2po_variant: str = "mask"
+    behaviour_weight_cap: Optional[float] = None
 
     def __post_init__(self):
         check_m2_threshold(self.m2_threshold, key=f"{KEY_PREFIX}.m2_threshold")
         check_variant(self.m2po_variant, key=f"{KEY_PREFIX}.m2po_variant")
+        cap = self.behaviour_weight_cap
+        if cap is not None and (isinstance(cap, bool) or not isinstance(cap, (int, float)) or not cap > 1):
+            raise ValueError(f"{KEY_PREFIX}.behaviour_weight_cap must be a number > 1 or null (no cap), got {cap!r}")
 
 
 def actor_config(

@@ -10,6 +10,7 @@ is exactly that of verl's vanilla loss.
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any
 
 import torch
@@ -18,6 +19,7 @@ from verl.trainer.ppo.core_algos import agg_loss, register_policy_loss
 from m2po.algorithm import (
     TokenLosses,
     decoupled_m2po_token_losses,
+    gppo_token_losses,
     m2po_token_losses,
     no_trust_region_token_losses,
     stats_to_floats,
@@ -96,22 +98,27 @@ def _clip_ratios(config: Any) -> tuple[float, float, float]:
     )
 
 
-def _decoupled_token_losses(old_log_prob, log_prob, advantages, response_mask, rollout_is_weights, threshold, config):
-    """AReaL's decoupled M2PO in verl's decoupled mode: `old_log_prob` is the proximal policy's, and
-    `rollout_is_weights` (token level, untruncated) are `pi_prox / pi_behav`."""
+def _decoupled_token_losses(
+    old_log_prob, log_prob, advantages, response_mask, rollout_is_weights, threshold, config, name="m2po_variant=decoupled"
+):
+    """AReaL's decoupled M2PO (decoupled PPO with `threshold=inf`) in verl's decoupled mode: `old_log_prob`
+    is the proximal policy's, and `rollout_is_weights` (token level, untruncated) are `pi_prox / pi_behav`."""
     if rollout_is_weights is None:
         raise ValueError(
-            f"m2po_variant=decoupled reads log(pi_prox / pi_behav) from verl's rollout_is_weights, which this "
-            f"micro-batch does not carry: in an asynchronous trainer set {CORRECTION_KEY}.rollout_is=token, "
-            f"{CORRECTION_KEY}.rollout_is_threshold={UNTRUNCATED_IS_THRESHOLD:g} and bypass_mode=false"
+            f"{name} reads log(pi_prox / pi_behav) from verl's rollout_is_weights, which this micro-batch does "
+            f"not carry: set {CORRECTION_KEY}.rollout_is=token, {CORRECTION_KEY}.rollout_is_threshold="
+            f"{UNTRUNCATED_IS_THRESHOLD:g} and bypass_mode=false, with an asynchronous trainer or "
+            "m2po.stale.recompute_proximal=true"
         )
     if (response_mask & ~(rollout_is_weights > 0)).any():
         raise ValueError(
-            "m2po_variant=decoupled got rollout_is_weights <= 0 (or NaN) on valid tokens: the weights must be "
+            f"{name} got rollout_is_weights <= 0 (or NaN) on valid tokens: the weights must be "
             f"pi_prox / pi_behav untruncated (no IcePop band, {CORRECTION_KEY}.rollout_is_threshold="
             f"{UNTRUNCATED_IS_THRESHOLD:g})"
         )
     low, high, dual = _clip_ratios(config)
+    policy_loss = getattr(config, "policy_loss", None) if config is not None else None
+    cap = policy_loss.get("behaviour_weight_cap", None) if policy_loss is not None else None
     return decoupled_m2po_token_losses(
         log_probs=log_prob,
         proximal_log_probs=old_log_prob,
@@ -122,6 +129,7 @@ def _decoupled_token_losses(old_log_prob, log_prob, advantages, response_mask, r
         clip_ratio_low=low,
         clip_ratio_high=high,
         clip_ratio_c=dual,
+        behaviour_weight_cap=cap,
     )
 
 
@@ -166,6 +174,31 @@ def compute_policy_loss_m2po(
     return _to_verl(out, response_mask, loss_agg_mode, config)
 
 
+@register_policy_loss("decoupled_ppo")
+def compute_policy_loss_decoupled_ppo(
+    old_log_prob: torch.Tensor,
+    log_prob: torch.Tensor,
+    advantages: torch.Tensor,
+    response_mask: torch.Tensor,
+    loss_agg_mode: str = "token-mean",
+    config: Any = None,
+    rollout_is_weights: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """AReaL's decoupled PPO (Fu et al. 2025, arXiv 2505.24298, its decoupled PPO objective): PPO clip of `pi_theta / pi_prox`
+    times the behaviour weight `w = pi_prox / pi_behav`, tokens with `w` above
+    `policy_loss.behaviour_weight_cap` dropped: the decoupled M2PO loss without its mask (tau = inf).
+
+    Needs verl's decoupled mode: `old_log_prob` the proximal log-probs and `rollout_is_weights`
+    untruncated token weights (an asynchronous trainer with bypass_mode=false, or `m2po_stale` with
+    `m2po.stale.recompute_proximal=true`). Metrics `actor/m2po/*` (the M2 of `log w`, nothing masked),
+    `actor/ppo_kl` and `actor/pg_clipfrac` (PPO-clipped tokens).
+    """
+    out = _decoupled_token_losses(
+        old_log_prob, log_prob, advantages, response_mask, rollout_is_weights, math.inf, config, name="loss_mode=decoupled_ppo"
+    )
+    return _to_verl(out, response_mask, loss_agg_mode, config)
+
+
 @register_policy_loss("no_trust_region")
 def compute_policy_loss_no_trust_region(
     old_log_prob: torch.Tensor,
@@ -203,11 +236,40 @@ def compute_policy_loss_topr(
     weight the taper cut below 1 (negative-advantage responses more likely now than when generated).
     """
     out = topr_token_losses(log_prob, old_log_prob, advantages, response_mask)
+    return _baseline_to_verl(out, "topr", "truncated_fraction", response_mask, loss_agg_mode, config, rollout_is_weights)
+
+
+@register_policy_loss("gppo")
+def compute_policy_loss_gppo(
+    old_log_prob: torch.Tensor,
+    log_prob: torch.Tensor,
+    advantages: torch.Tensor,
+    response_mask: torch.Tensor,
+    loss_agg_mode: str = "token-mean",
+    config: Any = None,
+    rollout_is_weights: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """GPPO, gradient-preserving clipping (Klear-Reasoner, arXiv 2508.07629): see `m2po.algorithm.baselines`.
+
+    The clip range and dual-clip bound are the actor's `clip_ratio_low`, `clip_ratio_high` and
+    `clip_ratio_c`, read as verl's vanilla loss reads them. Metrics: `actor/gppo/*`, `actor/ppo_kl`,
+    and `actor/pg_clipfrac` = the fraction of tokens on a clipped branch (their gradient is bounded, not removed).
+    """
+    low, high, dual = _clip_ratios(config)
+    out = gppo_token_losses(log_prob, old_log_prob, advantages, response_mask, low, high, dual)
+    return _baseline_to_verl(out, "gppo", "clip_fraction", response_mask, loss_agg_mode, config, rollout_is_weights)
+
+
+def _baseline_to_verl(
+    out: TokenLosses, name: str, clip_stat: str, response_mask, loss_agg_mode, config, rollout_is_weights
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """A baseline's token losses (times verl's rollout-correction weights, if any) aggregated as verl's
+    vanilla loss, with its stats as `actor/<name>/*` and `clip_stat` as `actor/pg_clipfrac`."""
     token_losses = out.token_losses if rollout_is_weights is None else out.token_losses * rollout_is_weights
     loss = _aggregate(token_losses, response_mask, loss_agg_mode, config)
     stats = stats_to_floats(out.stats)
-    metrics = {f"actor/topr/{name}": value for name, value in stats.items()}
+    metrics = {f"actor/{name}/{key}": value for key, value in stats.items()}
     metrics["actor/ppo_kl"] = stats["ppo_kl"]
-    metrics["actor/pg_clipfrac"] = stats["truncated_fraction"]
+    metrics["actor/pg_clipfrac"] = stats[clip_stat]
     return loss, metrics
 

@@ -43,6 +43,10 @@ class StaleSectionConfig(BaseConfig):
             due; the newer ones wait in `spill_dir`. None = no limit.
         spill_dir (str, optional): the buffer's store (each batch written once, hard-linked into
             checkpoints). None = `<trainer.default_local_dir>/m2po_stale_store`.
+        recompute_proximal (bool): when a stale batch is trained, recompute old_log_prob with the
+            current actor (the proximal policy of AReaL's decoupled PPO, one more forward pass per
+            step) and hand the behaviour log-probs to verl's rollout correction as rollout_log_probs.
+            False = the loss sees the behaviour log-probs directly (the paper's ratio).
     """
 
     staleness_updates: int = 0
@@ -50,6 +54,7 @@ class StaleSectionConfig(BaseConfig):
     behaviour_log_probs: str = "actor"
     ram_budget_gb: Optional[float] = DEFAULT_RAM_BUDGET_GB
     spill_dir: Optional[str] = None
+    recompute_proximal: bool = False
 
     def __post_init__(self):
         if self.behaviour_log_probs not in BEHAVIOUR_LOG_PROBS:
@@ -57,6 +62,8 @@ class StaleSectionConfig(BaseConfig):
                 f"{SECTION}.behaviour_log_probs must be one of {list(BEHAVIOUR_LOG_PROBS)}, "
                 f"got {self.behaviour_log_probs!r}"
             )
+        if not isinstance(self.recompute_proximal, bool):
+            raise ValueError(f"{SECTION}.recompute_proximal must be true or false, got {self.recompute_proximal!r}")
         if self.ram_budget_gb is not None and not self.ram_budget_gb > 0:
             raise ValueError(f"{SECTION}.ram_budget_gb must be > 0 or null (no limit), got {self.ram_budget_gb!r}")
 
@@ -76,6 +83,7 @@ class StaleTrainerSettings:
     behaviour_log_probs: see `StaleSectionConfig`.
     ram_budget_bytes: compact bytes of queued batches kept in RAM besides the next batch due
         (None = no limit); the newer ones wait in the store, `spill_dir`.
+    recompute_proximal: see `StaleSectionConfig`.
     """
 
     staleness: StalenessConfig
@@ -83,6 +91,7 @@ class StaleTrainerSettings:
     ram_budget_bytes: int | None
     spill_dir: str
     checkpoint_dir: str
+    recompute_proximal: bool = False
 
     @property
     def enabled(self) -> bool:
@@ -128,6 +137,7 @@ def stale_settings_from_config(config: DictConfig) -> StaleTrainerSettings:
         ram_budget_bytes=None if section.ram_budget_gb is None else int(section.ram_budget_gb * 2**30),
         spill_dir=str(section.spill_dir or os.path.join(checkpoint_dir, SPILL_DIR_NAME)),
         checkpoint_dir=checkpoint_dir,
+        recompute_proximal=section.recompute_proximal,
     )
     _check_trainer(config, settings)
     return settings

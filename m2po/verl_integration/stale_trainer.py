@@ -8,6 +8,10 @@ log-probs, values, advantages and the actor/critic updates then run on it unchan
 whatever loss mode is configured. With `m2po.stale.staleness_updates=0` this is verl's sync
 trainer plus `stale/*` metrics.
 
+With `m2po.stale.recompute_proximal=true` the trained batch's old_log_prob is then recomputed by the
+current actor (the proximal policy of AReaL's decoupled PPO), and its behaviour log-probs reach the
+loss through verl's rollout correction instead.
+
 Also: the warm-up (d = k/u base-policy batches generated before the first update), the buffer
 saved inside every verl checkpoint (`global_step_N/m2po_stale_buffer`) before verl marks the
 checkpoint complete and restored on resume, and a ledger of trained batches
@@ -32,6 +36,7 @@ from verl.utils.tensordict_utils import list_of_dict_to_tensordict
 
 from m2po.buffer import CorruptCheckpointError, PolicyVersion, ReadyBatch, StaleRolloutBuffer
 from m2po.utils.atomic_io import remove_directory, remove_leftovers
+from m2po.verl_integration.behaviour_ratio import check_behaviour_ratio
 from m2po.verl_integration.ledger import (
     LEDGER_FILE,
     append_ledger_record,
@@ -55,6 +60,7 @@ class StaleSyncTrainer(PPOTrainerSync):
 
     def __init__(self, config):
         check_verl_version(f"trainer.v1.trainer_mode={TRAINER_MODE}")  # before any worker starts
+        check_behaviour_ratio(config)
         self.stale = stale_settings_from_config(config)
         super().__init__(config)
         # verl branches on the literal "sync" (replay buffer, TransferQueue checkpoints); this
@@ -86,7 +92,7 @@ class StaleSyncTrainer(PPOTrainerSync):
         if not self.stale.enabled:
             metrics.update({"stale/staleness_updates": 0.0, "stale/target_staleness_updates": 0.0})
             metrics.update(staleness_metrics(staleness_summary([0.0])))
-            return batch
+            return self._recompute_proximal(batch, metrics)
         current = self._current_version()
         fresh = self._stash(batch, current)
         metrics["stale/fresh_score_mean"] = fresh_score_mean(fresh, batch.tags)
@@ -100,7 +106,8 @@ class StaleSyncTrainer(PPOTrainerSync):
         metrics.update(staleness_metrics(staleness_summary([ready.staleness_updates])))
         keys, tags, samples = decode_batch(ready.batch)
         self._append_ledger(ready, samples)
-        return self._unstash(keys, tags, samples, extra_info=batch.extra_info, metrics=metrics)
+        batch = self._unstash(keys, tags, samples, extra_info=batch.extra_info, metrics=metrics)
+        return self._recompute_proximal(batch, metrics)
 
     def _record_behaviour_log_probs(self, batch: KVBatchMeta, metrics: dict) -> KVBatchMeta:
         if self.stale.behaviour_log_probs == "actor":
@@ -109,6 +116,17 @@ class StaleSyncTrainer(PPOTrainerSync):
         data["old_log_probs"] = data.pop("rollout_log_probs")
         tq.kv_batch_put(keys=batch.keys, partition_id=batch.partition_id, fields=data)
         return batch
+
+    def _recompute_proximal(self, batch: KVBatchMeta, metrics: dict) -> KVBatchMeta:
+        """With `m2po.stale.recompute_proximal`: the batch's behaviour log-probs become rollout_log_probs
+        and verl's own recompute with the current actor fills old_log_probs (pi_prox), so verl's
+        rollout correction weighs each token by pi_prox / pi_behav (decoupled mode)."""
+        if not self.stale.recompute_proximal:
+            return batch
+        data = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=["old_log_probs"])
+        data["rollout_log_probs"] = data.pop("old_log_probs")
+        tq.kv_batch_put(keys=batch.keys, partition_id=batch.partition_id, fields=data)
+        return super()._compute_old_log_prob(batch, metrics)
 
     def _stash(self, batch: KVBatchMeta, version: PolicyVersion):
         """Move a generated batch (every field, behaviour log-probs and rewards included) out of
