@@ -1,6 +1,7 @@
 """The embedded main job: base policy, then every (method, seed) run in parallel, then the report.
 
-    python -m m2po.testbed                 # default experiment (3 seeds, ~10 min on 2 cores)
+    python -m m2po.testbed                 # default experiment: copy_add task, 4 methods x 3 seeds (~9 min on 2 cores)
+    python -m m2po.testbed --task addition # the answer-only addition task (~11 min)
     python -m m2po.testbed --quick         # CI smoke preset (< 2 min)
 
 Re-running the same command resumes: finished runs are kept, interrupted ones continue from their
@@ -18,7 +19,8 @@ import shlex
 import sys
 import time
 
-from m2po.testbed.config import METHODS, TestbedConfig, preset
+from m2po.testbed.config import DEFAULT_TASK, METHODS, TestbedConfig, preset
+from m2po.testbed.task import TASKS
 
 DEFAULT_OUT = "outputs/testbed"
 
@@ -88,7 +90,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m m2po.testbed", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="CI smoke preset: 1 seed, 24 iterations (< 2 min)")
-    parser.add_argument("--out", default=None, help=f"results folder (default {DEFAULT_OUT}[-quick])")
+    parser.add_argument("--task", choices=list(TASKS), default=DEFAULT_TASK,
+                        help=f"addition: the answer only; copy_add: operands restated before the answer (default {DEFAULT_TASK})")
+    parser.add_argument("--out", default=None, help=f"results folder (default {DEFAULT_OUT}[-<task> unless the default task][-quick])")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="parallel runs (default: cores)")
     parser.add_argument("--seeds", type=int, nargs="+", default=None)
     parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=None)
@@ -104,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="also log through verl's trackers (tensorboard logs go to <out>/runs/<run>/tensorboard)")
     args = parser.parse_args(argv)
 
-    config = preset("quick" if args.quick else "default")
+    config = preset("quick" if args.quick else "default", args.task)
     rl_changes = {k: v for k, v in {"iterations": args.iterations, "staleness_updates": args.staleness,
                                      "lr": args.lr, "grad_clip": args.grad_clip, "eval_every": args.eval_every,
                                      "eval_problems": args.eval_problems,
@@ -122,7 +126,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(error))
     if args.workers < 1:
         parser.error("--workers must be >= 1")
-    out_dir = args.out or (DEFAULT_OUT + ("-quick" if args.quick else ""))
+    task_suffix = "" if args.task == DEFAULT_TASK else f"-{args.task}"
+    out_dir = args.out or (DEFAULT_OUT + task_suffix + ("-quick" if args.quick else ""))
     command = "python -m m2po.testbed " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     run_experiment(config, out_dir, args.workers, command.strip(), tuple(args.logger))
     return 0

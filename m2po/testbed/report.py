@@ -41,13 +41,30 @@ def run_summary(records: list[dict], base_accuracy: float) -> dict:
         "masked_fraction": mean_of("actor/pg_clipfrac"),
         "m2_before": mean_of("actor/m2po/m2_before"),
         "m2_after": mean_of("actor/m2po/m2_after"),
+        # Any method: mean (log r)^2 of the trained batch before each update, over all valid tokens
+        # and over the answer tokens (rl.second_moments).
+        "m2_all": mean_of("testbed/m2_all"),
+        "m2_answer": mean_of("testbed/m2_answer"),
         "updates": int(records[-1]["updates"]) if records else 0,
     }
+
+
+SUMMARY_KEYS = ("peak", "final", "auc", "worst_drop", "masked_fraction", "m2_before", "m2_after", "m2_all", "m2_answer")
 
 
 def _nanmean(values):
     values = [v for v in values if not np.isnan(v)]
     return float(np.mean(values)) if values else float("nan")
+
+
+def _nanstd(values):
+    values = [v for v in values if not np.isnan(v)]
+    return float(np.std(values, ddof=1)) if len(values) > 1 else float("nan")
+
+
+def _cells(s: dict) -> str:
+    return (f"{s['peak']:.3f} | {s['final']:.3f} | {s['auc']:.3f} | {s['worst_drop']:.3f} | {s['masked_fraction']:.2%} | "
+            f"{s['m2_before']:.3f} | {s['m2_after']:.3f} | {s['m2_all']:.4f} | {s['m2_answer']:.4f}")
 
 
 def write_report(out_dir: str, base_accuracy: float, runs: dict[str, dict[int, list[dict]]], config: dict,
@@ -65,7 +82,7 @@ def write_report(out_dir: str, base_accuracy: float, runs: dict[str, dict[int, l
     lines = [
         "# M2PO CPU testbed results",
         "",
-        f"Command: `{command}` ({elapsed_s / 60:.1f} min). Task: {config['task']['num_digits']}-digit addition; "
+        f"Command: `{command}` ({elapsed_s / 60:.1f} min). Task: {_describe_task(config['task'])}; "
         f"{rl['prompts_per_iteration']} prompts x {rl['samples_per_prompt']} samples per iteration, "
         f"{rl['mini_batches']} updates per iteration, lr {rl['lr']}, grad clip {rl['grad_clip']}, "
         f"stale runs at s={rl['staleness_updates']} updates ({rl['warmup']} warm-up), tau {rl['m2_threshold']}, "
@@ -73,25 +90,34 @@ def write_report(out_dir: str, base_accuracy: float, runs: dict[str, dict[int, l
         "",
         f"Base policy accuracy: {base_accuracy:.3f}",
         "",
-        "| method | seed | peak | final | AUC | worst drop after peak | masked/clipped tokens | M2 before | M2 after |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| method | seed | peak | final | AUC | worst drop after peak | masked/clipped tokens | M2 before | M2 after "
+        "| M2 all tokens | M2 answer tokens |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for method, seeds in rows.items():
         for seed, s in sorted(seeds.items()):
-            lines.append(
-                f"| {LABELS[method]} | {seed} | {s['peak']:.3f} | {s['final']:.3f} | {s['auc']:.3f} | "
-                f"{s['worst_drop']:.3f} | {s['masked_fraction']:.2%} | {s['m2_before']:.3f} | {s['m2_after']:.3f} |"
-            )
-        mean = {k: _nanmean([s[k] for s in seeds.values()]) for k in ("peak", "final", "auc", "worst_drop", "masked_fraction", "m2_before", "m2_after")}
-        lines.append(
-            f"| **{LABELS[method]}** | mean | {mean['peak']:.3f} | {mean['final']:.3f} | {mean['auc']:.3f} | "
-            f"{mean['worst_drop']:.3f} | {mean['masked_fraction']:.2%} | {mean['m2_before']:.3f} | {mean['m2_after']:.3f} |"
-        )
-    lines += ["", "![accuracy](accuracy.png)", "", "![masked fraction](masked_fraction.png)", ""]
+            lines.append(f"| {LABELS[method]} | {seed} | " + _cells(s) + " |")
+        for name, reduce in (("mean", _nanmean), ("sd", _nanstd)):
+            stat = {k: reduce([s[k] for s in seeds.values()]) for k in SUMMARY_KEYS}
+            lines.append(f"| **{LABELS[method]}** | {name} | " + _cells(stat) + " |")
+    lines += [
+        "",
+        "M2 before/after: M2PO's statistic (trust-region tokens, per mini-batch). M2 all tokens / answer tokens: "
+        "the trained batch's mean (log r)^2 before each update, for every method. sd: seed-to-seed standard deviation.",
+        "",
+        "![accuracy](accuracy.png)", "", "![masked fraction](masked_fraction.png)", "",
+    ]
     path = os.path.join(out_dir, "summary.md")
     with open(path, "w") as f:
         f.write("\n".join(lines))
     return path
+
+
+def _describe_task(task: dict) -> str:
+    from m2po.testbed.task import TASKS
+
+    fields = {k: v for k, v in task.items() if k != "name"}
+    return TASKS[task.get("name", "addition")](**fields).describe()
 
 
 def _plot_accuracy(out_dir, base_accuracy, runs):

@@ -77,6 +77,20 @@ def generate_batch(model, config: TestbedConfig, generator: torch.Generator) -> 
     }
 
 
+def second_moments(log_probs, behaviour_log_probs, response_mask, answer_start: int) -> dict[str, float]:
+    """Mean `(log pi_theta - log pi_behav)^2` before an update, whatever the loss: over every valid
+    token (`m2_all`, what M2PO bounds before it picks its trust region) and over the tokens from
+    `answer_start` on (`m2_answer`; the same as m2_all when the response is all answer).
+    `(batch, response_len)` inputs."""
+    squared = torch.where(response_mask, log_probs - behaviour_log_probs, 0.0).square()
+    answer = response_mask.clone()
+    answer[:, :answer_start] = False
+    return {
+        "testbed/m2_all": float(squared.sum() / response_mask.sum().clamp(min=1)),
+        "testbed/m2_answer": float(squared[answer].sum() / answer.sum().clamp(min=1)),
+    }
+
+
 def train_on(model, optimizer, batch, config: TestbedConfig, loss_fn, actor: FSDPActorConfig) -> dict[str, float]:
     """`mini_batches` optimizer updates on one batch; returns metrics averaged over them."""
     rl = config.rl
@@ -87,6 +101,7 @@ def train_on(model, optimizer, batch, config: TestbedConfig, loss_fn, actor: FSD
         mask = mini["response_mask"]
         actor.global_batch_info.update(dp_size=1, batch_num_tokens=int(mask.sum()), global_batch_size=size)
         log_probs = response_log_probs(model, mini["prompts"], mini["responses"])
+        diagnostics = second_moments(log_probs.detach(), mini["old_log_probs"], mask, getattr(config.task, "restatement_len", 0))
         loss, metrics = loss_fn(
             old_log_prob=mini["old_log_probs"], log_prob=log_probs, advantages=mini["advantages"],
             response_mask=mask, loss_agg_mode="token-mean", config=actor, rollout_is_weights=None,
@@ -96,7 +111,7 @@ def train_on(model, optimizer, batch, config: TestbedConfig, loss_fn, actor: FSD
         max_norm = rl.grad_clip if rl.grad_clip is not None else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
         optimizer.step()
-        metrics = dict(metrics, **{"actor/pg_loss": float(loss.detach()), "grad_norm": float(grad_norm)})
+        metrics = dict(metrics, **diagnostics, **{"actor/pg_loss": float(loss.detach()), "grad_norm": float(grad_norm)})
         for key, value in metrics.items():
             collected.setdefault(key, []).append(float(value))
     return {key: float(np.mean(values)) for key, values in collected.items()}

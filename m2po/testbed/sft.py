@@ -23,7 +23,7 @@ def _sft_targets(task, operands: torch.Tensor, correct_fraction: float, generato
     random = low + (torch.rand(len(sums), generator=generator) * (10**digits - low)).long()
     random = torch.where(random == sums, (random + 1 - low) % (10**digits - low) + low, random)
     correct = torch.rand(len(sums), generator=generator) < correct_fraction
-    return task.encode_numbers(torch.where(correct, sums, random))
+    return task.encode_responses(operands, torch.where(correct, sums, random))
 
 
 def base_policy(config: TestbedConfig, cache_dir: str, progress: bool = True) -> str:
