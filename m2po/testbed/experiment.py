@@ -55,7 +55,10 @@ def run_experiment(config: TestbedConfig, out_dir: str, workers: int, command: s
         with open(config_path, "w") as f:
             json.dump(config.to_json(), f, indent=1)
 
-    torch.set_num_threads(max(1, workers))
+    # One thread, whatever the core count: with two, the SFT ran 3.3x slower whenever another process
+    # kept one core busy (OpenMP threads waiting on each other; measured), and one thread gives the same
+    # base policy on every machine load.
+    torch.set_num_threads(1)
     print(f"[testbed] base policy (SFT warm-up, cached in {out_dir}/cache) ...", flush=True)
     base_path = base_policy(config, os.path.join(out_dir, "cache"))
     _, base_accuracy = load_base(base_path)
