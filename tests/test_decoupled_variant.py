@@ -159,27 +159,35 @@ def _verl_weights(proximal, behaviour, mask):
     return batch.batch["rollout_is_weights"]
 
 
+def _verl_matches_reference(policies, config, extra_tokens: int, tau: float, cap: float | None) -> dict:
+    """verl computes the weights from the proximal and behaviour log-probs and its ppo_loss calls our
+    registered loss; loss and gradient must equal the token-by-token reference (clip 0.2, dual clip 3),
+    normalised by the mini-batch's tokens (`extra_tokens` as if another micro-batch held them)."""
+    current, proximal, behaviour, advantages, mask = policies
+    prompts = [2] * current.shape[0]
+    tokens = int(mask.sum()) + extra_tokens
+    model_output, data, flat = micro_batch(
+        current, proximal, advantages, mask, prompts, batch_num_tokens=tokens, global_batch_size=8,
+        rollout_is_weights=_verl_weights(proximal, behaviour, mask),
+    )
+    loss, metrics = ppo_loss(config, model_output, data)
+    loss.backward()
+    ref_lp = current.clone().requires_grad_()
+    ref = decoupled_token_losses(ref_lp, proximal, proximal - behaviour, advantages, mask, tau, 0.2, 0.2, 3.0, cap)
+    (ref.sum() / tokens).backward()
+    torch.testing.assert_close(loss, ref.sum() / tokens, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(response_grad(flat.grad, mask, prompts), ref_lp.grad, rtol=1e-5, atol=1e-7)
+    return metrics
+
+
 @pytest.mark.parametrize("seed", range(4))
 def test_through_verls_rollout_correction_and_ppo_loss(seed):
     """verl's decoupled mode end to end on one micro-batch: verl computes the weights from the
     proximal and behaviour log-probs, verl's ppo_loss calls our loss; the result equals brute force
     on the three policies (loss, gradient), normalised by the mini-batch's tokens."""
-    current, proximal, behaviour, advantages, mask = _three_policies(seed, staleness=0.5)
-    weights = _verl_weights(proximal, behaviour, mask)
-    prompts = [2] * current.shape[0]
-    tokens = int(mask.sum()) + 10  # as if a second micro-batch held 10 more tokens
+    policies = _three_policies(seed, staleness=0.5)
     config = actor_config(loss_mode="m2po", clip_ratio=0.2, m2_threshold=0.04, m2po_variant="decoupled")
-    model_output, data, flat = micro_batch(
-        current, proximal, advantages, mask, prompts, batch_num_tokens=tokens, global_batch_size=8,
-        rollout_is_weights=weights,
-    )
-    loss, metrics = ppo_loss(config, model_output, data)
-    loss.backward()
-    ref_lp = current.clone().requires_grad_()
-    ref = decoupled_token_losses(ref_lp, proximal, proximal - behaviour, advantages, mask, 0.04, 0.2, 0.2, 3.0)
-    (ref.sum() / tokens).backward()
-    torch.testing.assert_close(loss, ref.sum() / tokens, rtol=1e-5, atol=1e-7)
-    torch.testing.assert_close(response_grad(flat.grad, mask, prompts), ref_lp.grad, rtol=1e-5, atol=1e-7)
+    metrics = _verl_matches_reference(policies, config, extra_tokens=10, tau=0.04, cap=None)
     assert metrics["actor/m2po/masked_fraction"].aggregate() > 0
     clipfrac = metrics["actor/pg_clipfrac"].aggregate()
     assert clipfrac == pytest.approx(
@@ -206,22 +214,10 @@ def test_verl_wrapper_refuses_missing_or_zeroed_weights():
 def test_decoupled_ppo_through_verl_is_areals_loss(seed):
     """loss_mode=decoupled_ppo (AReaL's use_decoupled_loss, behav_imp_weight_cap 5) in verl's decoupled
     mode against the token-by-token reference with no M2 mask: loss, gradient, capped and clipped tokens."""
-    current, proximal, behaviour, advantages, mask = _three_policies(seed, staleness=1.5)
-    weights = _verl_weights(proximal, behaviour, mask)
-    prompts = [2] * current.shape[0]
-    tokens = int(mask.sum())
+    current, proximal, behaviour, advantages, mask = policies = _three_policies(seed, staleness=1.5)
     config = actor_config(loss_mode="decoupled_ppo", clip_ratio=0.2, behaviour_weight_cap=5.0)
-    model_output, data, flat = micro_batch(
-        current, proximal, advantages, mask, prompts, batch_num_tokens=tokens, global_batch_size=8,
-        rollout_is_weights=weights,
-    )
-    loss, metrics = ppo_loss(config, model_output, data)
-    loss.backward()
-    ref_lp = current.clone().requires_grad_()
-    ref = decoupled_token_losses(ref_lp, proximal, proximal - behaviour, advantages, mask, math.inf, 0.2, 0.2, 3.0, 5.0)
-    (ref.sum() / tokens).backward()
-    torch.testing.assert_close(loss, ref.sum() / tokens, rtol=1e-5, atol=1e-7)
-    torch.testing.assert_close(response_grad(flat.grad, mask, prompts), ref_lp.grad, rtol=1e-5, atol=1e-7)
+    metrics = _verl_matches_reference(policies, config, extra_tokens=0, tau=math.inf, cap=5.0)
+    tokens = int(mask.sum())
     capped = (mask & ((proximal - behaviour).exp() > 5.0)).sum().item() / tokens
     assert capped > 0 and metrics["actor/m2po/behaviour_capped_fraction"].aggregate() == pytest.approx(capped)
     assert metrics["actor/m2po/masked_fraction"].aggregate() == 0  # no M2 mask

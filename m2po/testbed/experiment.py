@@ -1,6 +1,6 @@
 """The embedded main job: base policy, then every (method, seed) run in parallel, then the report.
 
-    python -m m2po.testbed                 # default experiment: copy_add task, 4 methods x 3 seeds (~9 min on 2 cores)
+    python -m m2po.testbed                 # default experiment: copy_add task, 4 methods x 3 seeds (~10 min on 2 cores)
     python -m m2po.testbed --task addition # the answer-only addition task (~11 min)
     python -m m2po.testbed --quick         # CI smoke preset (< 2 min)
 

@@ -101,7 +101,7 @@ def train_on(model, optimizer, batch, config: TestbedConfig, loss_fn, actor: FSD
         mask = mini["response_mask"]
         actor.global_batch_info.update(dp_size=1, batch_num_tokens=int(mask.sum()), global_batch_size=size)
         log_probs = response_log_probs(model, mini["prompts"], mini["responses"])
-        diagnostics = second_moments(log_probs.detach(), mini["old_log_probs"], mask, getattr(config.task, "restatement_len", 0))
+        diagnostics = second_moments(log_probs.detach(), mini["old_log_probs"], mask, config.task.answer_start)
         loss, metrics = loss_fn(
             old_log_prob=mini["old_log_probs"], log_prob=log_probs, advantages=mini["advantages"],
             response_mask=mask, loss_agg_mode="token-mean", config=actor, rollout_is_weights=None,

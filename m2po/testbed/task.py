@@ -75,11 +75,21 @@ class AdditionTask:
     def _response_prefix(self, pair: list[int]) -> list[int]:
         return []
 
+    @property
+    def answer_start(self) -> int:
+        """Response position where the answer begins (what comes before it is not scored)."""
+        return 0
+
     def rewards(self, operands: torch.Tensor, responses: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
-        """`(count,)` float: 1.0 where the response is exactly the sum's digits then EOS."""
-        expected, expected_mask = self.encode_answers(operands)
-        same = ((responses == expected) | ~expected_mask).all(dim=1) & (response_mask == expected_mask).all(dim=1)
-        return same.float()
+        """`(count,)` float: 1.0 where the tokens from `answer_start` on are exactly the sum's digits
+        then EOS, and no EOS came earlier (the reward is on the final answer only)."""
+        start = self.answer_start
+        expected, expected_mask = _encode_rows([_digits(v) for v in operands.sum(dim=1).tolist()],
+                                               self.response_len - start)
+        answer, answer_mask = responses[:, start:], response_mask[:, start:]
+        same = ((answer == expected) | ~expected_mask).all(dim=1) & (answer_mask == expected_mask).all(dim=1)
+        ended_early = (response_mask[:, :start] & (responses[:, :start] == EOS_ID)).any(dim=1)
+        return (same & ~ended_early).float()
 
 
 @dataclass(frozen=True)
@@ -111,17 +121,9 @@ class CopyThenAddTask(AdditionTask):
         a, b = pair
         return [TOKEN_ID[c] for c in f"{a:0{self.num_digits}d}{b:0{self.num_digits}d}"] * self.copies
 
-    def rewards(self, operands: torch.Tensor, responses: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
-        """`(count,)` float: 1.0 where the tokens after the restatement are exactly the sum's digits then
-        EOS (the restatement itself is not scored: the reward is on the final answer only)."""
-        start = self.restatement_len
-        expected, expected_mask = _encode_rows([_digits(v) for v in operands.sum(dim=1).tolist()],
-                                               self.response_len - start)
-        answer, answer_mask = responses[:, start:], response_mask[:, start:]
-        same = ((answer == expected) | ~expected_mask).all(dim=1) & (answer_mask == expected_mask).all(dim=1)
-        # EOS before the answer region ends the response early: no answer.
-        ended_early = (response_mask[:, :start] & (responses[:, :start] == EOS_ID)).any(dim=1)
-        return (same & ~ended_early).float()
+    @property
+    def answer_start(self) -> int:
+        return self.restatement_len
 
 
 TASKS = {task.name: task for task in (AdditionTask, CopyThenAddTask)}
