@@ -233,3 +233,12 @@ def test_a_behaviour_weight_cap_that_is_not_above_one_is_refused(cap):
 
     with pytest.raises(ValueError, match="policy_loss.behaviour_weight_cap must be a number > 1"):
         M2POPolicyLossConfig(loss_mode="decoupled_ppo", behaviour_weight_cap=cap)
+
+
+@pytest.mark.parametrize(("loss_mode", "variant"), [("m2po", "mask"), ("vanilla", "mask"), ("gppo", "mask")])
+def test_a_behaviour_weight_cap_where_nothing_reads_it_is_refused(loss_mode, variant):
+    from m2po.verl_integration.config import M2POPolicyLossConfig
+
+    with pytest.raises(ValueError, match="behaviour_weight_cap=5.0 has no effect"):
+        M2POPolicyLossConfig(loss_mode=loss_mode, m2po_variant=variant, behaviour_weight_cap=5.0)
+    M2POPolicyLossConfig(loss_mode="m2po", m2po_variant="decoupled", behaviour_weight_cap=5.0)  # read there

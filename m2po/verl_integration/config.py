@@ -45,6 +45,13 @@ class M2POPolicyLossConfig(PolicyLossConfig):
         cap = self.behaviour_weight_cap
         if cap is not None and (isinstance(cap, bool) or not isinstance(cap, (int, float)) or not cap > 1):
             raise ValueError(f"{KEY_PREFIX}.behaviour_weight_cap must be a number > 1 or null (no cap), got {cap!r}")
+        decoupled = self.loss_mode == "decoupled_ppo" or (self.loss_mode == "m2po" and self.m2po_variant == "decoupled")
+        if cap is not None and not decoupled:
+            raise ValueError(
+                f"{KEY_PREFIX}.behaviour_weight_cap={cap} has no effect with loss_mode={self.loss_mode!r} "
+                f"(m2po_variant={self.m2po_variant!r}): only loss_mode=decoupled_ppo and m2po_variant=decoupled "
+                "weigh tokens by pi_prox / pi_behav; set it to null"
+            )
 
 
 def actor_config(
