@@ -393,18 +393,18 @@ def decoupled_m2po_token_losses(
     capped = torch.zeros_like(response_mask)
     if behaviour_weight_cap is not None:
         capped = response_mask & (behaviour_weight > behaviour_weight_cap)
-    token_losses = _finish(surrogate, m2_keep & response_mask & ~capped, behaviour_weight)
+    kept = m2_keep & ~capped  # neither masked by M2 nor dropped by the cap
+    token_losses = _finish(surrogate, kept & response_mask, behaviour_weight)
     stats = _stats(ratio, log_ratio, second_moment, response_mask, response_mask, m2_keep)
     valid = response_mask.sum().to(torch.float64).clamp(min=1)
     stats["behaviour_capped_fraction"] = capped.sum().to(torch.float64) / valid
-    m2_keep = m2_keep & ~capped
-    clipped_kept = response_mask & m2_keep & without_gradient
+    clipped_kept = response_mask & kept & without_gradient
     stats["clip_fraction"] = clipped_kept.sum().to(torch.float64) / valid
     stats["behaviour_ratio_mean"] = torch.where(response_mask, behaviour_weight, 0.0).sum(dtype=torch.float64) / valid
     stats["behaviour_ratio_max"] = (
         torch.where(response_mask, behaviour_weight, 0.0).amax() if behaviour_weight.numel() else valid.new_zeros(())
     )
-    return TokenLosses(token_losses=token_losses, keep_mask=m2_keep & ~clipped_kept, stats=stats)
+    return TokenLosses(token_losses=token_losses, keep_mask=kept & ~clipped_kept, stats=stats)
 
 
 def aggregate_token_losses(

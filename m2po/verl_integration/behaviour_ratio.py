@@ -28,7 +28,7 @@ import math
 
 from omegaconf import DictConfig
 
-from m2po.verl_integration.trainer_modes import ASYNC_MODES, STALE_TRAINER_MODE, trainer_mode
+from m2po.verl_integration.trainer_modes import ASYNC_MODES, STALE_TRAINER_MODE, decoupled_loss_setting, trainer_mode
 from m2po.utils.config_values import config_value
 
 LOSS_KEY = "actor_rollout_ref.actor.policy_loss"
@@ -81,9 +81,7 @@ def behaviour_ratio_errors(config: DictConfig) -> list[str]:
     calculate_log_probs = bool(config_value(config, CALCULATE_LOG_PROBS_KEY, True))
     is_async = mode in ASYNC_MODES
     recompute_proximal = mode == STALE_TRAINER_MODE and bool(config_value(config, RECOMPUTE_PROXIMAL_KEY, False))
-    decoupled_loss = {("m2po", "decoupled"): "m2po_variant=decoupled"}.get((loss_mode, variant))
-    if loss_mode == "decoupled_ppo":
-        decoupled_loss = "loss_mode=decoupled_ppo"
+    decoupled_loss = decoupled_loss_setting(loss_mode, variant)
     errors = []
 
     if decoupled_loss:

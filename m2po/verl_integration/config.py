@@ -14,6 +14,7 @@ from typing import Optional
 from verl.workers.config import FSDPActorConfig, PolicyLossConfig
 
 from m2po.algorithm import PAPER_M2_THRESHOLD, check_m2_threshold, check_variant
+from m2po.verl_integration.trainer_modes import decoupled_loss_setting
 
 KEY_PREFIX = "actor_rollout_ref.actor.policy_loss"
 
@@ -45,8 +46,7 @@ class M2POPolicyLossConfig(PolicyLossConfig):
         cap = self.behaviour_weight_cap
         if cap is not None and (isinstance(cap, bool) or not isinstance(cap, (int, float)) or not cap > 1):
             raise ValueError(f"{KEY_PREFIX}.behaviour_weight_cap must be a number > 1 or null (no cap), got {cap!r}")
-        decoupled = self.loss_mode == "decoupled_ppo" or (self.loss_mode == "m2po" and self.m2po_variant == "decoupled")
-        if cap is not None and not decoupled:
+        if cap is not None and decoupled_loss_setting(self.loss_mode, self.m2po_variant) is None:
             raise ValueError(
                 f"{KEY_PREFIX}.behaviour_weight_cap={cap} has no effect with loss_mode={self.loss_mode!r} "
                 f"(m2po_variant={self.m2po_variant!r}): only loss_mode=decoupled_ppo and m2po_variant=decoupled "

@@ -35,11 +35,16 @@ _DEFAULTS = M2POPolicyLossConfig()
 _warned_default_config = False
 
 
+def _policy_loss_value(config: Any, key: str):
+    """`config.policy_loss.<key>`, or None where the actor config has no such key."""
+    policy_loss = getattr(config, "policy_loss", None) if config is not None else None
+    return policy_loss.get(key, None) if policy_loss is not None else None
+
+
 def _m2po_params(config: Any) -> tuple[float, str]:
     """(m2_threshold, variant) from the actor config; paper defaults when not configured."""
-    policy_loss = getattr(config, "policy_loss", None) if config is not None else None
-    threshold = policy_loss.get("m2_threshold", None) if policy_loss is not None else None
-    variant = policy_loss.get("m2po_variant", None) if policy_loss is not None else None
+    threshold = _policy_loss_value(config, "m2_threshold")
+    variant = _policy_loss_value(config, "m2po_variant")
     if threshold is None or variant is None:
         global _warned_default_config
         if not _warned_default_config:
@@ -117,8 +122,6 @@ def _decoupled_token_losses(
             f"{UNTRUNCATED_IS_THRESHOLD:g})"
         )
     low, high, dual = _clip_ratios(config)
-    policy_loss = getattr(config, "policy_loss", None) if config is not None else None
-    cap = policy_loss.get("behaviour_weight_cap", None) if policy_loss is not None else None
     return decoupled_m2po_token_losses(
         log_probs=log_prob,
         proximal_log_probs=old_log_prob,
@@ -129,7 +132,7 @@ def _decoupled_token_losses(
         clip_ratio_low=low,
         clip_ratio_high=high,
         clip_ratio_c=dual,
-        behaviour_weight_cap=cap,
+        behaviour_weight_cap=_policy_loss_value(config, "behaviour_weight_cap"),
     )
 
 
