@@ -3,7 +3,8 @@ what verl logged.
 
 A RUN is a run's checkpoint folder (`trainer.default_local_dir`) or its metrics file. The metrics
 are verl's `file` logger JSON lines (the paper scripts log to `<checkpoint folder>.jsonl`, see
-train-scripts/launch.sh); the stale ledger (`m2po_stale_ledger.jsonl` in the checkpoint folder), when
+train-scripts/launch.sh; runs of `python -m m2po.testbed --engine verl` log each attempt to
+`<folder>/metrics/attempt-<n>.jsonl`, merged here with the later attempt winning); the stale ledger (`m2po_stale_ledger.jsonl` in the checkpoint folder), when
 there, gives the actor updates per step. Per run it prints the best evaluation step by the
 average over the paper's eight benchmarks (the paper's protocol), each benchmark's accuracy there
 (verl's `val-core/<benchmark>/<acc|reward>/mean@n`: avg@16 for the AIME x4 sets, avg@4 elsewhere),
@@ -22,6 +23,7 @@ import sys
 from dataclasses import asdict, dataclass, field
 
 from m2po.data import PAPER_BENCHMARKS
+from m2po.utils.verl_metrics import ATTEMPTS_DIR, attempt_files, merge_attempts, read_metrics
 
 LEDGER_FILE = "m2po_stale_ledger.jsonl"  # m2po.verl_integration.ledger.LEDGER_FILE (no verl import here)
 CLIP_FRACTION = "actor/pg_clipfrac"  # the masked (M2PO) or clipped (PPO/GRPO) fraction of tokens
@@ -68,27 +70,6 @@ def metrics_candidates(run: str) -> list[str]:
     return [f"{run}.jsonl", os.path.join(run, "metrics.jsonl")]
 
 
-def read_metrics(path: str) -> tuple[dict[int, dict[str, float]], list[str]]:
-    """step -> metrics (records of one step merged in order), and notes on lines left out."""
-    steps: dict[int, dict[str, float]] = {}
-    notes = []
-    with open(path, "rb") as f:
-        lines = f.read().splitlines()
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-            step, data = int(record["step"]), record["data"]
-        except (ValueError, KeyError, TypeError):
-            where = "the last line (cut by a crash?)" if number == len(lines) else f"line {number}"
-            notes.append(f"{os.path.basename(path)}: {where} is not a metrics record; left out")
-            continue
-        merged = steps.setdefault(step, {})
-        merged.update({k: float(v) for k, v in data.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
-    return steps, notes
-
-
 def updates_per_step_from_ledger(ledger_path: str) -> int | None:
     """u from the stale ledger: a batch generated at step g > 1 carries updates = (g - 1) u."""
     if not os.path.isfile(ledger_path):
@@ -107,19 +88,26 @@ def updates_per_step_from_ledger(ledger_path: str) -> int | None:
 def load_run(run: str, updates_per_step: int | None = None) -> RunLog:
     if not os.path.exists(run):
         raise ReportError(f"{run}: no such file or directory")
-    candidates = metrics_candidates(run)
-    path = next((c for c in candidates if os.path.isfile(c)), None)
-    if path is None:
-        raise ReportError(
-            f"{run}: no metrics file (looked for {', '.join(candidates)}). Log with verl's file logger: "
-            "trainer.logger='[console,file]' and VERL_FILE_LOGGER_PATH or VERL_FILE_LOGGER_ROOT (the paper "
-            "scripts do this), or pass the .jsonl file itself"
-        )
-    steps, notes = read_metrics(path)
+    attempts = attempt_files(run) if os.path.isdir(run) else []
+    if attempts:  # one metrics file per attempt (m2po.utils.verl_metrics): merged, the later attempt wins
+        path, run_dir = os.path.join(run.rstrip(os.sep), ATTEMPTS_DIR), run.rstrip(os.sep)
+        steps, notes = merge_attempts(attempts)
+        if len(attempts) > 1:
+            notes.insert(0, f"{len(attempts)} attempts (a crash or a stop, then a resume) merged")
+    else:
+        candidates = metrics_candidates(run)
+        path = next((c for c in candidates if os.path.isfile(c)), None)
+        if path is None:
+            raise ReportError(
+                f"{run}: no metrics file (looked for {', '.join(candidates)} and {ATTEMPTS_DIR}/attempt-*.jsonl). "
+                "Log with verl's file logger: trainer.logger='[console,file]' and VERL_FILE_LOGGER_PATH or "
+                "VERL_FILE_LOGGER_ROOT (the paper scripts do this), or pass the .jsonl file itself"
+            )
+        steps, notes = read_metrics(path)
+        # the checkpoint folder: `<folder>.jsonl` beside it, or `<folder>/metrics.jsonl` inside it
+        run_dir = os.path.dirname(path) if os.path.basename(path) == "metrics.jsonl" else path[: -len(".jsonl")]
     if not steps:
         raise ReportError(f"{path}: no metrics records in it (is the run still starting?)")
-    # the checkpoint folder: `<folder>.jsonl` beside it, or `<folder>/metrics.jsonl` inside it
-    run_dir = os.path.dirname(path) if os.path.basename(path) == "metrics.jsonl" else path[: -len(".jsonl")]
     name = os.path.basename(run_dir.rstrip(os.sep)) or os.path.basename(path)
     if updates_per_step is not None:
         u, source = updates_per_step, "given"

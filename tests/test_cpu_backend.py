@@ -19,7 +19,7 @@ from omegaconf import OmegaConf
 
 from m2po.cpu_backend import tiny
 from m2po.cpu_backend.config import cpu_config_errors
-from m2po.cpu_backend.patches import _collapse_gloo_backend
+from m2po.cpu_backend.patches import POLL_INTERVAL_ENV, POLL_INTERVAL_S, _collapse_gloo_backend
 from m2po.cpu_backend.sampler import SampleRequest, request_seed, sample_batch
 from m2po.cpu_backend.smoke import smoke_overrides
 from m2po.configs import compose as compose_config
@@ -37,6 +37,9 @@ from verl.workers.rollout import base
 from verl.workers.rollout.replica import RolloutReplicaRegistry
 from verl.checkpoint_engine.base import CheckpointEngineRegistry
 from verl.utils import fsdp_utils
+from verl.trainer.ppo.v1.replay_buffer import ReplayBuffer
+buffer = ReplayBuffer(trainer_mode="sync", trainer_config={}, max_off_policy_threshold=None,
+                      max_off_policy_strategy="drop", sampler_kwargs={})
 print(json.dumps({
     "platforms": sorted(PlatformRegistry.registered_names()),
     "replicas": sorted(RolloutReplicaRegistry._registry),
@@ -47,6 +50,7 @@ print(json.dumps({
     "snapshot_patched": hasattr(fsdp_utils.fsdp2_sharded_save_to_cpu, "_m2po_cpu_patch"),
     "checkpoint_engines": sorted(CheckpointEngineRegistry._registry),
     "device": get_platform().device_name,
+    "replay_poll_s": buffer.poll_interval,
 }))
 """
 
@@ -67,6 +71,7 @@ def test_unselected_backend_leaves_verl_unchanged():
     assert not state["init_process_group_patched"] and state["offload_policy"] == "CPUOffloadPolicy"
     assert not state["snapshot_patched"] and "m2po_cpu" not in state["checkpoint_engines"]
     assert state["device"] == "cuda"  # verl's own fallback on a machine without accelerators
+    assert state["replay_poll_s"] == 2.0
 
 
 def test_selected_backend_registers_platform_engines_rollout_and_patches():
@@ -76,6 +81,9 @@ def test_selected_backend_registers_platform_engines_rollout_and_patches():
     assert state["cpu_engines"] == ["fsdp", "fsdp2"]
     assert state["init_process_group_patched"] and state["offload_policy"] == "UnpinnedCPUOffloadPolicy"
     assert state["snapshot_patched"] and "m2po_cpu" in state["checkpoint_engines"]
+    assert state["replay_poll_s"] == POLL_INTERVAL_S < 2.0
+    # the knob that restores verl's own poll (for timing comparisons)
+    assert _probe(VERL_PLATFORM="cpu", **{POLL_INTERVAL_ENV: "2"})["replay_poll_s"] == 2.0
 
 
 def test_other_verl_versions_are_refused_by_name(monkeypatch):

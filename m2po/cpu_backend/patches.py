@@ -9,8 +9,14 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 
 import torch
+
+# The v1 replay buffer's poll interval on CPU (verl: 2 s). A poll is one metadata read from TransferQueue.
+# The environment variable sets another (e.g. 2 to time verl's own behaviour).
+POLL_INTERVAL_S = 0.05
+POLL_INTERVAL_ENV = "M2PO_CPU_REPLAY_POLL_S"
 
 PATCHES = (
     (
@@ -36,6 +42,12 @@ PATCHES = (
         "the decoupled-PPO snapshot of separate_async (DetachActorWorker.save_model_to_cpu) copies each shard with "
         "`.cpu()`, which on CPU returns the live parameter itself: the 'frozen' proximal policy moved with every "
         "update (measured: pi_theta / pi_prox == 1 at every update); the CPU shards are cloned (fsdp_utils.py:1167,1180).",
+    ),
+    (
+        "verl.trainer.ppo.v1.replay_buffer.ReplayBuffer.__init__",
+        f"the v1 replay buffer polls TransferQueue every 2 s while it waits for a batch (replay_buffer.py:144,409), "
+        f"which was most of a CPU step; the poll interval is {POLL_INTERVAL_S} s on CPU (no config key sets it; "
+        f"${POLL_INTERVAL_ENV} overrides it).",
     ),
 )
 
@@ -133,6 +145,26 @@ def _patch_sharded_snapshot() -> None:
     fsdp_utils.fsdp2_sharded_save_to_cpu = fsdp2_sharded_save_to_cpu
 
 
+def _patch_replay_buffer_poll() -> None:
+    from verl.trainer.ppo.v1.replay_buffer import ReplayBuffer
+
+    original = ReplayBuffer.__init__
+    if getattr(original, "_m2po_cpu_patch", False):
+        return
+
+    interval = float(os.environ.get(POLL_INTERVAL_ENV, POLL_INTERVAL_S))
+    if not interval > 0:
+        raise ValueError(f"{POLL_INTERVAL_ENV} must be a number of seconds > 0, got {interval}")
+
+    @functools.wraps(original)
+    def __init__(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        self.poll_interval = interval
+
+    __init__._m2po_cpu_patch = True
+    ReplayBuffer.__init__ = __init__
+
+
 def _register_engines() -> None:
     """verl's own FSDP engines, registered for device "cpu" through the public registry."""
     from verl.workers.engine.base import EngineRegistry
@@ -149,4 +181,5 @@ def apply_patches() -> None:
     _patch_offload_policy()
     _patch_valuehead_loader()
     _patch_sharded_snapshot()
+    _patch_replay_buffer_poll()
     _register_engines()

@@ -10,15 +10,42 @@ from dataclasses import dataclass, field
 from m2po.algorithm import PAPER_M2_THRESHOLD
 from m2po.buffer import WARMUP_BASE_POLICY, StalenessConfig
 from m2po.testbed.model import ModelConfig
-from m2po.testbed.task import TASKS, AdditionTask, CopyThenAddTask
+from m2po.testbed.task import TASKS, AdditionTask, CopyThenAddTask, task_to_json
 
-# method name -> (verl loss_mode, stale?)
+# method name -> (verl loss_mode, stale?): what the testbed's own loop runs
 METHODS = {
     "grpo_s0": ("vanilla", False),
     "grpo_stale": ("vanilla", True),
     "no_tr_stale": ("no_trust_region", True),
     "m2po_stale": ("m2po", True),
 }
+
+
+@dataclass(frozen=True)
+class VerlMethod:
+    """How a method runs through verl's trainer (`--engine verl`, m2po.testbed.verl_engine)."""
+
+    loss_mode: str  # verl's policy_loss.loss_mode
+    stale: bool  # stale@k through the m2po_stale trainer (k = RLConfig.staleness_updates)
+    asynchronous: bool  # verl's separate_async trainer (m2po_separate_async): the staleness it produces
+    label: str
+
+
+# The testbed's four methods plus verl's asynchronous trainer, which only exists in verl.
+VERL_METHODS = {
+    "grpo_s0": VerlMethod("vanilla", False, False, "GRPO, on-policy (s=0)"),
+    "grpo_stale": VerlMethod("vanilla", True, False, "GRPO, stale"),
+    "no_tr_stale": VerlMethod("no_trust_region", True, False, "GRPO no trust region, stale"),
+    "m2po_stale": VerlMethod("m2po", True, False, "M2PO, stale"),
+    "grpo_async": VerlMethod("vanilla", False, True, "GRPO, separate_async"),
+    "m2po_async": VerlMethod("m2po", False, True, "M2PO, separate_async"),
+}
+ENGINES = {"testbed": METHODS, "verl": VERL_METHODS}
+
+
+# What a testbed policy is; part of the base policy's cache key. Version 2: the softmax over the whole
+# vocabulary, as verl computes it (version 1 masked every logit but digits and EOS).
+POLICY_DEFINITION = "full-vocabulary softmax (v2)"
 
 
 @dataclass(frozen=True)
@@ -91,28 +118,36 @@ class TestbedConfig:
     methods: tuple[str, ...] = tuple(METHODS)
     seeds: tuple[int, ...] = (0, 1, 2)
     base_seed: int = 1234  # the base policy (model init + SFT data) is shared by every run
+    engine: str = "testbed"  # testbed: the package's own loop (m2po.testbed.rl); verl: verl's main_ppo
 
     def __post_init__(self):
-        unknown = [m for m in self.methods if m not in METHODS]
+        if self.engine not in ENGINES:
+            raise ValueError(f"engine must be one of {list(ENGINES)}, got {self.engine!r}")
+        allowed = ENGINES[self.engine]
+        unknown = [m for m in self.methods if m not in allowed]
         if unknown:
-            raise ValueError(f"methods {unknown} unknown; allowed: {list(METHODS)}")
+            raise ValueError(f"methods {unknown} unknown for engine {self.engine!r}; allowed: {list(allowed)}")
         if not self.seeds:
             raise ValueError("seeds must not be empty")
 
     def to_json(self) -> dict:
         out = dataclasses.asdict(self)
-        out["task"] = task_json(self.task)
+        out["task"] = task_to_json(self.task)
         return out
+
+    def experiment_json(self) -> dict:
+        """What makes two engines' runs comparable: task, model, SFT, RL settings, base seed."""
+        return self.experiment_json_of(self.to_json())
+
+    @staticmethod
+    def experiment_json_of(config_json: dict) -> dict:
+        return {key: config_json.get(key) for key in ("task", "model", "sft", "rl", "base_seed")}
 
     def base_policy_key(self) -> str:
         """Cache key of the base policy: everything it depends on."""
-        payload = json.dumps([task_json(self.task), dataclasses.asdict(self.model),
-                              dataclasses.asdict(self.sft), self.base_seed], sort_keys=True)
+        payload = json.dumps([task_to_json(self.task), dataclasses.asdict(self.model),
+                              dataclasses.asdict(self.sft), self.base_seed, POLICY_DEFINITION], sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
-
-
-def task_json(task: AdditionTask) -> dict:
-    return {"name": task.name, **dataclasses.asdict(task)}
 
 
 # copy_add shows the paper's regime (few decision tokens among many predictable ones) more clearly

@@ -3,6 +3,8 @@
     python -m m2po.testbed                 # default experiment: copy_add task, 4 methods x 3 seeds (~10 min on 2 cores)
     python -m m2po.testbed --task addition # the answer-only addition task (~11 min)
     python -m m2po.testbed --quick         # CI smoke preset (< 2 min)
+    python -m m2po.testbed --engine verl   # the same experiment through verl's main_ppo on CPU, with
+                                           # verl's asynchronous trainer too, cross-checked (docs/testbed-verl.md)
 
 Re-running the same command resumes: finished runs are kept, interrupted ones continue from their
 last checkpoint, and the report is rebuilt.
@@ -19,10 +21,11 @@ import shlex
 import sys
 import time
 
-from m2po.testbed.config import DEFAULT_TASK, METHODS, TestbedConfig, preset
+from m2po.testbed.config import DEFAULT_TASK, ENGINES, TestbedConfig, preset
 from m2po.testbed.task import TASKS
 
 DEFAULT_OUT = "outputs/testbed"
+DEFAULT_VERL_SEEDS = (0,)  # one seed per method by default: a verl run costs ~10x a testbed run
 
 
 def _run_worker(args):
@@ -35,14 +38,8 @@ def _run_worker(args):
     return run(config, method, seed, base_path, run_dir, progress=False, loggers=loggers)
 
 
-def run_experiment(config: TestbedConfig, out_dir: str, workers: int, command: str, loggers: tuple[str, ...] = ()) -> str:
-    import torch
-
-    from m2po.testbed.rl import read_metrics
-    from m2po.testbed.report import write_report
-    from m2po.testbed.sft import base_policy, load_base
-
-    started = time.time()
+def _claim_out_dir(config: TestbedConfig, out_dir: str) -> None:
+    """config.json of a results folder: written once; a different configuration there is refused."""
     os.makedirs(out_dir, exist_ok=True)
     config_path = os.path.join(out_dir, "config.json")
     if os.path.exists(config_path):
@@ -54,6 +51,17 @@ def run_experiment(config: TestbedConfig, out_dir: str, workers: int, command: s
     else:
         with open(config_path, "w") as f:
             json.dump(config.to_json(), f, indent=1)
+
+
+def run_experiment(config: TestbedConfig, out_dir: str, workers: int, command: str, loggers: tuple[str, ...] = ()) -> str:
+    import torch
+
+    from m2po.testbed.rl import read_metrics
+    from m2po.testbed.report import write_report
+    from m2po.testbed.sft import base_policy, load_base
+
+    started = time.time()
+    _claim_out_dir(config, out_dir)
 
     # One thread, whatever the core count: with two, the SFT ran 3.3x slower whenever another process
     # kept one core busy (OpenMP threads waiting on each other; measured), and one thread gives the same
@@ -89,6 +97,71 @@ def run_experiment(config: TestbedConfig, out_dir: str, workers: int, command: s
     return path
 
 
+def _testbed_results(config: TestbedConfig, testbed_out: str):
+    """(summary.json, method -> seed -> records) of the testbed's own runs in `testbed_out` when they
+    ran the same experiment as `config`, else (None, None)."""
+    from m2po.testbed.rl import read_metrics
+
+    try:
+        with open(os.path.join(testbed_out, "summary.json")) as f:
+            summary = json.load(f)
+    except FileNotFoundError:
+        return None, None
+    theirs = TestbedConfig.experiment_json_of(summary["config"])
+    if theirs != json.loads(json.dumps(config.experiment_json())):
+        print(f"[testbed] {testbed_out} ran a different experiment: no cross-check", flush=True)
+        return None, None
+    runs = {method: {int(seed): read_metrics(os.path.join(testbed_out, "runs", f"{method}-seed{seed}"))
+                     for seed in seeds} for method, seeds in summary["runs"].items()}
+    return summary, runs
+
+
+def run_verl_experiment(config: TestbedConfig, out_dir: str, testbed_out: str, workers: int, command: str,
+                        kill_after_step: int | None = None) -> str:
+    """Every (method, seed) through verl's main_ppo on CPU (m2po.testbed.verl_engine), then the report
+    and the cross-check against the testbed's own runs in `testbed_out` (same base policy file)."""
+    from concurrent.futures import ThreadPoolExecutor, as_completed
+
+    import torch
+    from tqdm import tqdm
+
+    from m2po.testbed.sft import base_policy, load_base
+    from m2po.testbed.verl_engine import run_method, write_data
+    from m2po.testbed.verl_report import load_verl_runs, write_verl_report
+
+    started = time.time()
+    _claim_out_dir(config, out_dir)
+    torch.set_num_threads(1)  # as the testbed: the same base policy whatever the machine's load
+    # the testbed's cache: both engines train the very same base policy file
+    print(f"[testbed] base policy (SFT warm-up, cached in {testbed_out}/cache) ...", flush=True)
+    base_path = base_policy(config, os.path.join(testbed_out, "cache"))
+    print(f"[testbed] base policy accuracy {load_base(base_path)[1]:.3f} (the testbed's evaluation)", flush=True)
+    train_file, val_file = write_data(config, os.path.join(out_dir, "data"))
+    jobs = [(method, seed) for seed in config.seeds for method in config.methods]
+    print(f"[testbed] {len(jobs)} runs of verl's main_ppo, {workers} at a time; logs in {out_dir}/runs/<run>/logs",
+          flush=True)
+    with ThreadPoolExecutor(workers) as pool:
+        futures = {
+            pool.submit(run_method, config, method, seed, base_path, train_file, val_file,
+                        os.path.join(out_dir, "runs", f"{method}-seed{seed}"), None, kill_after_step): (method, seed)
+            for method, seed in jobs
+        }
+        for future in tqdm(as_completed(futures), total=len(futures), desc="verl runs", disable=None):
+            summary = future.result()
+            tqdm.write(f"[testbed] {'killed' if 'killed_after_step' in summary else 'done'}: "
+                       f"{summary['method']} seed {summary['seed']}")
+    if kill_after_step is not None:
+        print(f"[testbed] every run was SIGKILLed after step {kill_after_step}; run the command again without "
+              "--kill-after-step to resume them", flush=True)
+        return ""
+    testbed_summary, testbed_runs = _testbed_results(config, testbed_out)
+    elapsed = time.time() - started
+    path = write_verl_report(out_dir, config, load_verl_runs(out_dir, config), testbed_summary, testbed_runs, command,
+                             elapsed)
+    print(f"[testbed] report: {path}", flush=True)
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m m2po.testbed", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -96,9 +169,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--task", choices=list(TASKS), default=DEFAULT_TASK,
                         help=f"addition: the answer only; copy_add: operands restated before the answer (default {DEFAULT_TASK})")
     parser.add_argument("--out", default=None, help=f"results folder (default {DEFAULT_OUT}[-<task> unless the default task][-quick])")
+    parser.add_argument("--engine", choices=list(ENGINES), default="testbed",
+                        help="testbed: the package's own RL loop (default); verl: every run through verl's main_ppo on "
+                             "CPU, with verl's asynchronous trainer too, cross-checked against the testbed's results")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="parallel runs (default: cores)")
-    parser.add_argument("--seeds", type=int, nargs="+", default=None)
-    parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=None)
+    parser.add_argument("--seeds", type=int, nargs="+", default=None,
+                        help=f"default: 0 1 2 (--engine verl: {' '.join(map(str, DEFAULT_VERL_SEEDS))})")
+    parser.add_argument("--methods", nargs="+", choices=sorted(set().union(*ENGINES.values())), default=None,
+                        help="default: every method of the engine")
     parser.add_argument("--iterations", type=int, default=None)
     parser.add_argument("--staleness", type=int, default=None, help="k in model updates for the stale runs")
     parser.add_argument("--lr", type=float, default=None)
@@ -109,9 +187,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sft-steps", type=int, default=None)
     parser.add_argument("--logger", nargs="+", default=[], choices=["tensorboard", "wandb", "mlflow", "swanlab", "file"],
                         help="also log through verl's trackers (tensorboard logs go to <out>/runs/<run>/tensorboard)")
+    parser.add_argument("--testbed-out", default=None,
+                        help="--engine verl: the testbed's results to cross-check against, and whose cached base policy "
+                             "to train (default: the testbed's default results folder for the task)")
+    parser.add_argument("--kill-after-step", type=int, default=None,
+                        help="--engine verl: simulate a crash, SIGKILL each run once verl has logged this step; the same "
+                             "command without it resumes every run from its last checkpoint")
     args = parser.parse_args(argv)
 
     config = preset("quick" if args.quick else "default", args.task)
+    if args.engine == "verl":
+        config = dataclasses.replace(config, engine="verl", methods=tuple(ENGINES["verl"]), seeds=DEFAULT_VERL_SEEDS)
+    elif args.testbed_out or args.kill_after_step is not None:
+        parser.error("--testbed-out and --kill-after-step go with --engine verl")
     rl_changes = {k: v for k, v in {"iterations": args.iterations, "staleness_updates": args.staleness,
                                      "lr": args.lr, "grad_clip": args.grad_clip, "eval_every": args.eval_every,
                                      "eval_problems": args.eval_problems,
@@ -129,8 +217,17 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(error))
     if args.workers < 1:
         parser.error("--workers must be >= 1")
+    if args.kill_after_step is not None and args.kill_after_step < 1:
+        parser.error("--kill-after-step must be >= 1")
     task_suffix = "" if args.task == DEFAULT_TASK else f"-{args.task}"
-    out_dir = args.out or (DEFAULT_OUT + task_suffix + ("-quick" if args.quick else ""))
+    testbed_out = DEFAULT_OUT + task_suffix + ("-quick" if args.quick else "")
     command = "python -m m2po.testbed " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
-    run_experiment(config, out_dir, args.workers, command.strip(), tuple(args.logger))
+    if args.engine == "verl":
+        if args.logger:
+            parser.error("--logger: verl runs log through verl's own trackers (console and file)")
+        out_dir = args.out or testbed_out.replace(DEFAULT_OUT, DEFAULT_OUT + "-verl", 1)
+        run_verl_experiment(config, out_dir, args.testbed_out or testbed_out, args.workers, command.strip(),
+                            args.kill_after_step)
+        return 0
+    run_experiment(config, args.out or testbed_out, args.workers, command.strip(), tuple(args.logger))
     return 0

@@ -1,7 +1,10 @@
 """A tiny Llama-architecture policy and its tokenizer, built offline, plus sampling and log-probs.
 
-The artifacts are ordinary `save_pretrained` folders (config + safetensors weights, and a
-`tokenizers` tokenizer), so the same files load in transformers, verl or vLLM.
+The policy is the language model itself: a softmax over the whole vocabulary, as verl's actor and
+rollout compute it, so the same weights define the same policy in the testbed's loop and in verl's
+trainer (`m2po.testbed.verl_engine`). The artifacts are ordinary `save_pretrained` folders (config +
+safetensors weights, and a `tokenizers` tokenizer with a chat template that renders a prompt as
+`<s>` + its text), so the same files load in transformers, verl or vLLM.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
-from m2po.testbed.task import BOS, BOS_ID, EOS, EOS_ID, PAD, PAD_ID, RESPONSE_TOKEN_IDS, SYMBOLS
+from m2po.testbed.task import BOS, BOS_ID, EOS, EOS_ID, PAD, PAD_ID, SYMBOLS
 from m2po.utils.tiny_llama import char_level_tokenizer, tiny_llama
 
 
@@ -30,9 +33,17 @@ class ModelConfig:
             )
 
 
+# verl renders a prompt's chat messages with the tokenizer's chat template: here `<s>` + the text,
+# exactly the testbed's prompt (`m2po.testbed.task.AdditionTask.encode_prompts`).
+CHAT_TEMPLATE = "{{ bos_token }}{% for message in messages %}{{ message['content'] }}{% endfor %}"
+
+
 def build_tokenizer() -> PreTrainedTokenizerFast:
-    """Character-level tokenizer over the task's symbols."""
-    return char_level_tokenizer(SYMBOLS, unk_token=PAD, bos_token=BOS, eos_token=EOS, pad_token=PAD)
+    """Character-level tokenizer over the task's symbols; PAD, BOS and EOS are matched whole."""
+    tokenizer = char_level_tokenizer(SYMBOLS, unk_token=PAD, special_tokens=(PAD, BOS, EOS), bos_token=BOS,
+                                     eos_token=EOS, pad_token=PAD)
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
 
 
 def build_model(config: ModelConfig, seed: int) -> LlamaForCausalLM:
@@ -65,27 +76,14 @@ def load_pretrained(directory: str) -> LlamaForCausalLM:
     return model
 
 
-_ALLOWED = None
-
-
-def _response_logits_mask(vocab_size: int, device) -> torch.Tensor:
-    global _ALLOWED
-    if _ALLOWED is None or _ALLOWED.device != torch.device(device):
-        allowed = torch.full((vocab_size,), float("-inf"))
-        allowed[RESPONSE_TOKEN_IDS] = 0.0
-        _ALLOWED = allowed.to(device)
-    return _ALLOWED
-
-
 def response_log_probs(model, prompts: torch.Tensor, responses: torch.Tensor) -> torch.Tensor:
     """log pi(response_t | prompt, response_<t) for every response position, `(batch, response_len)`.
 
-    Uses the same masked softmax (digits + EOS only) as `sample`, so these are the log-probs of
-    the policy that generates; positions after EOS hold garbage and must be masked by the caller.
+    The softmax over the whole vocabulary, as `sample` draws from and verl's actor recomputes;
+    positions after EOS hold garbage and must be masked by the caller.
     """
     input_ids = torch.cat([prompts, responses], dim=1)
     logits = model(input_ids=input_ids).logits[:, prompts.shape[1] - 1 : -1].float()
-    logits = logits + _response_logits_mask(logits.shape[-1], logits.device)
     return torch.log_softmax(logits, dim=-1).gather(-1, responses.unsqueeze(-1)).squeeze(-1)
 
 
@@ -102,7 +100,7 @@ def sample(model, prompts: torch.Tensor, response_len: int, generator: torch.Gen
     for t in range(response_len):
         out = model(input_ids=sequence if past is None else sequence[:, -1:], past_key_values=past, use_cache=True)
         past = out.past_key_values
-        logits = out.logits[:, -1].float() / temperature + _response_logits_mask(out.logits.shape[-1], prompts.device)
+        logits = out.logits[:, -1].float() / temperature
         token = torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator).squeeze(1)
         token = torch.where(finished, torch.full_like(token, PAD_ID), token)
         responses[:, t] = token

@@ -14,6 +14,7 @@ no prompt padding). Two response formats:
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -24,8 +25,6 @@ SYMBOLS = [PAD, BOS, EOS, "+", "="] + [str(d) for d in range(10)]
 TOKEN_ID = {s: i for i, s in enumerate(SYMBOLS)}
 PAD_ID, BOS_ID, EOS_ID = TOKEN_ID[PAD], TOKEN_ID[BOS], TOKEN_ID[EOS]
 DIGIT_IDS = [TOKEN_ID[str(d)] for d in range(10)]
-# The policy only ever emits digits or EOS (a logit mask, part of the policy itself).
-RESPONSE_TOKEN_IDS = DIGIT_IDS + [EOS_ID]
 
 
 @dataclass(frozen=True)
@@ -127,6 +126,20 @@ class CopyThenAddTask(AdditionTask):
 
 
 TASKS = {task.name: task for task in (AdditionTask, CopyThenAddTask)}
+
+
+def task_to_json(task: AdditionTask) -> dict:
+    """The task's name and parameters, e.g. {"name": "copy_add", "num_digits": 2, "copies": 4}."""
+    return {"name": task.name, **dataclasses.asdict(task)}
+
+
+def task_from_json(data: dict) -> AdditionTask:
+    """The inverse of `task_to_json`; an unknown name or parameter is refused by name."""
+    fields = dict(data)
+    name = fields.pop("name", None)
+    if name not in TASKS:
+        raise ValueError(f"task name must be one of {list(TASKS)}, got {name!r}")
+    return TASKS[name](**fields)
 
 
 def _digits(value: int) -> list[int]:

@@ -1,0 +1,93 @@
+"""Reading what verl's `file` logger wrote, across the attempts of a run (no verl import).
+
+verl's file logger opens its JSON-lines file with mode "wb" (`verl/utils/tracking.py`), so a run that
+is resumed into the same file erases the metrics logged before the crash. A run launched by this
+package therefore logs each attempt to its own file, `<run>/metrics/attempt-<n>.jsonl`
+(`VERL_FILE_LOGGER_PATH`), and readers merge the attempts: a step logged by several attempts (the
+steps after the last checkpoint are trained again after a resume) takes the later attempt's values.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+
+ATTEMPTS_DIR = "metrics"
+_ATTEMPT = re.compile(r"^attempt-(\d+)\.jsonl$")
+
+
+def attempt_files(run_dir: str) -> list[str]:
+    """The attempts' metrics files of a run, oldest first ([] when there are none)."""
+    folder = os.path.join(run_dir, ATTEMPTS_DIR)
+    if not os.path.isdir(folder):
+        return []
+    numbered = [(int(m.group(1)), name) for name in os.listdir(folder) if (m := _ATTEMPT.match(name))]
+    return [os.path.join(folder, name) for _, name in sorted(numbered)]
+
+
+def next_attempt_file(run_dir: str) -> str:
+    """Where the next attempt of a run logs: one past the highest attempt number so far."""
+    existing = attempt_files(run_dir)
+    number = 1 + max((int(_ATTEMPT.match(os.path.basename(p)).group(1)) for p in existing), default=0)
+    os.makedirs(os.path.join(run_dir, ATTEMPTS_DIR), exist_ok=True)
+    return os.path.join(run_dir, ATTEMPTS_DIR, f"attempt-{number:03d}.jsonl")
+
+
+def read_metrics(path: str) -> tuple[dict[int, dict[str, float]], list[str]]:
+    """step -> numeric metrics (records of one step merged in order), and notes on lines left out."""
+    steps: dict[int, dict[str, float]] = {}
+    notes = []
+    with open(path, "rb") as f:
+        lines = f.read().splitlines()
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            step, data = int(record["step"]), record["data"]
+        except (ValueError, KeyError, TypeError):
+            where = "the last line (cut by a crash?)" if number == len(lines) else f"line {number}"
+            notes.append(f"{os.path.basename(path)}: {where} is not a metrics record; left out")
+            continue
+        merged = steps.setdefault(step, {})
+        merged.update({k: float(v) for k, v in data.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
+    return steps, notes
+
+
+def merge_attempts(paths: list[str]) -> tuple[dict[int, dict[str, float]], list[str]]:
+    """The metrics of a run logged over several attempts (`paths` oldest first): where more than one
+    attempt logged a metric of a step, the later attempt's value is kept (a resumed run validates again
+    at its checkpoint's step and retrains the steps after it). Notes say which steps were logged again
+    and which training steps are missing (a lost or cut attempt file): every step from 1, or from the
+    first one logged when there is no step 0 (validation before training), to the last."""
+    steps: dict[int, dict[str, float]] = {}
+    notes: list[str] = []
+    for path in paths:
+        attempt, attempt_notes = read_metrics(path)
+        notes += attempt_notes
+        again = sorted(set(attempt) & set(steps))
+        if again:
+            notes.append(
+                f"{os.path.basename(path)} logged step(s) {_ranges(again)} again after a resume; its values are kept"
+            )
+        for step, metrics in attempt.items():
+            steps.setdefault(step, {}).update(metrics)
+    training = sorted(step for step in steps if step > 0)
+    if training:
+        first = 1 if 0 in steps else training[0]
+        missing = sorted(set(range(first, training[-1] + 1)) - set(training))
+        if missing:
+            notes.append(f"no metrics for step(s) {_ranges(missing)}: an attempt's metrics file is missing or cut")
+    return steps, notes
+
+
+def _ranges(numbers: list[int]) -> str:
+    """[1, 2, 3, 7] -> '1-3, 7'."""
+    spans: list[list[int]] = []
+    for n in numbers:
+        if spans and n == spans[-1][1] + 1:
+            spans[-1][1] = n
+        else:
+            spans.append([n, n])
+    return ", ".join(f"{a}-{b}" if a != b else f"{a}" for a, b in spans)
