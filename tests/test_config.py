@@ -117,3 +117,24 @@ def test_shipped_defaults_are_the_code_defaults():
     policy_loss = _actor(_compose()).policy_loss
     assert policy_loss.m2_threshold == M2POPolicyLossConfig().m2_threshold == PAPER_M2_THRESHOLD == 0.04
     assert policy_loss.m2po_variant == M2POPolicyLossConfig().m2po_variant
+
+
+@pytest.mark.parametrize(
+    "overrides, refused",
+    [
+        (["actor_rollout_ref.actor.grad_clip=0.5"], "actor_rollout_ref.actor.grad_clip=0.5 is not read by verl 0.9.1's "
+         r"trainer, which clips at actor_rollout_ref.actor.optim.clip_grad=1.0: set actor_rollout_ref.actor.optim.clip_grad=0.5"),
+        (["critic.grad_clip=2.0"], r"critic.grad_clip=2.0 is not read .* set critic.optim.clip_grad=2.0"),
+        (["actor_rollout_ref.actor.optim.clip_grad=0.5"], None),  # the key verl reads; grad_clip left at its default
+        (["actor_rollout_ref.actor.grad_clip=0.5", "actor_rollout_ref.actor.optim.clip_grad=0.5"], None),  # they agree
+    ],
+)
+def test_a_gradient_clip_verl_would_ignore_is_refused_by_name(overrides, refused):
+    from m2po.verl_integration.startup_checks import check_m2po_config
+
+    cfg = _compose(*overrides)
+    if refused is None:
+        check_m2po_config(cfg)
+    else:
+        with pytest.raises(ValueError, match=refused):
+            check_m2po_config(cfg)

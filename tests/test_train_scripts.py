@@ -160,7 +160,7 @@ def test_paper_settings_reach_the_config(tmp_path):
     cfg = _resolved("qwen2.5-math-7b/m2po_s256.sh", tmp_path)
     actor, rollout = cfg["actor_rollout_ref"]["actor"], cfg["actor_rollout_ref"]["rollout"]
     assert cfg["data"]["train_batch_size"] == 256 and actor["ppo_mini_batch_size"] == 64 and rollout["n"] == 8
-    assert actor["optim"]["lr"] == 1e-6 and actor["optim"]["weight_decay"] == 0.01 and actor["grad_clip"] == 1.0
+    assert actor["optim"]["lr"] == 1e-6 and actor["optim"]["weight_decay"] == 0.01 and actor["optim"]["clip_grad"] == 1.0
     assert actor["loss_agg_mode"] == "token-mean" and not actor["use_kl_loss"] and rollout["temperature"] == 1.0
     assert (cfg["data"]["max_prompt_length"], cfg["data"]["max_response_length"]) == (1536, 2560)
     assert actor["policy_loss"]["m2_threshold"] == 0.04 and actor["policy_loss"]["m2po_variant"] == "mask"

@@ -18,6 +18,7 @@ import json
 import multiprocessing
 import os
 import shlex
+import signal
 import sys
 import time
 
@@ -126,7 +127,7 @@ def run_verl_experiment(config: TestbedConfig, out_dir: str, testbed_out: str, w
     from tqdm import tqdm
 
     from m2po.testbed.sft import base_policy, load_base
-    from m2po.testbed.verl_engine import run_method, write_data
+    from m2po.testbed.verl_engine import STOP, RunFailed, RunStopped, run_method, write_data
     from m2po.testbed.verl_report import load_verl_runs, write_verl_report
 
     started = time.time()
@@ -140,16 +141,33 @@ def run_verl_experiment(config: TestbedConfig, out_dir: str, testbed_out: str, w
     jobs = [(method, seed) for seed in config.seeds for method in config.methods]
     print(f"[testbed] {len(jobs)} runs of verl's main_ppo, {workers} at a time; logs in {out_dir}/runs/<run>/logs",
           flush=True)
-    with ThreadPoolExecutor(workers) as pool:
-        futures = {
-            pool.submit(run_method, config, method, seed, base_path, train_file, val_file,
-                        os.path.join(out_dir, "runs", f"{method}-seed{seed}"), None, kill_after_step): (method, seed)
-            for method, seed in jobs
-        }
-        for future in tqdm(as_completed(futures), total=len(futures), desc="verl runs", disable=None):
-            summary = future.result()
-            tqdm.write(f"[testbed] {'killed' if 'killed_after_step' in summary else 'done'}: "
-                       f"{summary['method']} seed {summary['seed']}")
+    failures = []
+    previous = {sig: signal.signal(sig, lambda *_: STOP.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with ThreadPoolExecutor(workers) as pool:
+            futures = {
+                pool.submit(run_method, config, method, seed, base_path, train_file, val_file,
+                            os.path.join(out_dir, "runs", f"{method}-seed{seed}"), None, kill_after_step): (method, seed)
+                for method, seed in jobs
+            }
+            for future in tqdm(as_completed(futures), total=len(futures), desc="verl runs", disable=None):
+                try:
+                    summary = future.result()
+                except RunStopped:
+                    continue
+                except RunFailed as error:  # the other runs go on; the failures are listed at the end
+                    failures.append(str(error))
+                    tqdm.write(f"[testbed] FAILED: {error}")
+                    continue
+                tqdm.write(f"[testbed] {'killed' if 'killed_after_step' in summary else 'done'}: "
+                           f"{summary['method']} seed {summary['seed']}")
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if STOP.is_set():
+        raise SystemExit("[testbed] stopped; the same command resumes every unfinished run from its last checkpoint")
+    if failures:
+        raise SystemExit("[testbed] runs failed:\n  " + "\n  ".join(failures))
     if kill_after_step is not None:
         print(f"[testbed] every run was SIGKILLed after step {kill_after_step}; run the command again without "
               "--kill-after-step to resume them", flush=True)

@@ -22,6 +22,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from m2po.testbed.config import VERL_METHODS, TestbedConfig
 from m2po.testbed.task import task_to_json
@@ -31,6 +32,9 @@ from m2po.utils.verl_metrics import attempt_files, merge_attempts, next_attempt_
 DONE = "done.json"
 LOGS_DIR = "logs"
 RUNNING = "running.json"  # the session id of a run's main_ppo while it runs
+# Set (e.g. on SIGTERM or Ctrl-C of the launcher): every running main_ppo is stopped and its run
+# raises `RunStopped`; its last checkpoint is where the same command resumes.
+STOP = threading.Event()
 ACCURACY_KEY = "val-core/{source}/acc/mean@1"
 
 
@@ -168,11 +172,17 @@ class RunFailed(RuntimeError):
     pass
 
 
+class RunStopped(RuntimeError):
+    pass
+
+
 def run_method(config: TestbedConfig, method: str, seed: int, base_path: str, train_file: str, val_file: str,
                run_dir: str, timeout_s: float | None = None, kill_after_step: int | None = None) -> dict:
     """One (method, seed) through verl's main_ppo; resumes from the run's last checkpoint. Returns the
     summary written to done.json. `kill_after_step`: SIGKILL the run once that step is logged (for
-    the resume test; the run then stops there without done.json)."""
+    the resume test; the run then stops there without done.json). Paths are made absolute: main_ppo
+    runs in `run_dir`."""
+    base_path, train_file, val_file, run_dir = (os.path.abspath(p) for p in (base_path, train_file, val_file, run_dir))
     done_path = os.path.join(run_dir, DONE)
     if os.path.exists(done_path):
         with open(done_path) as f:
@@ -194,6 +204,8 @@ def run_method(config: TestbedConfig, method: str, seed: int, base_path: str, tr
         atomic_write_bytes(os.path.join(run_dir, RUNNING), json.dumps({"session": process.pid}).encode())
         try:
             while process.poll() is None:
+                if STOP.is_set():
+                    raise RunStopped(f"{method} seed {seed}: stopped; the same command resumes it")
                 if timeout_s is not None and time.time() - started > timeout_s:
                     raise RunFailed(f"{method} seed {seed}: main_ppo ran past {timeout_s:.0f} s; log: {log_path}")
                 if kill_after_step is not None and _logged_step(metrics_file) >= kill_after_step:

@@ -17,9 +17,35 @@ from omegaconf import DictConfig, OmegaConf
 from m2po.verl_integration.behaviour_ratio import check_behaviour_ratio
 
 
+# Keys verl 0.9.1 declares but never reads, and the key that does the job: a value set there would be
+# silently ignored. verl's default of the ignored key (left alone, it says nothing).
+IGNORED_KEYS = {
+    # the engine workers clip with the optimizer config (workers/engine/fsdp/transformer_impl.py:795)
+    "actor_rollout_ref.actor.grad_clip": ("actor_rollout_ref.actor.optim.clip_grad", 1.0),
+    "critic.grad_clip": ("critic.optim.clip_grad", 1.0),
+}
+
+
+def ignored_key_errors(config: DictConfig) -> list[str]:
+    """A key set away from verl's default where verl reads another key with another value."""
+    errors = []
+    for key, (used, default) in IGNORED_KEYS.items():
+        value, effective = OmegaConf.select(config, key), OmegaConf.select(config, used)
+        if value is None or value == default or value == effective:
+            continue
+        errors.append(
+            f"{key}={value} is not read by verl 0.9.1's trainer, which clips at {used}={effective}: "
+            f"set {used}={value} instead"
+        )
+    return errors
+
+
 def check_m2po_config(config: DictConfig) -> None:
-    """Raise a ValueError naming every offending key: the behaviour-ratio rules and, when the config
-    has an `m2po.stale` section, the stale@k settings."""
+    """Raise a ValueError naming every offending key: the behaviour-ratio rules, keys verl would
+    silently ignore and, when the config has an `m2po.stale` section, the stale@k settings."""
+    errors = ignored_key_errors(config)
+    if errors:
+        raise ValueError("; ".join(errors))
     check_behaviour_ratio(config)
     if OmegaConf.select(config, "m2po.stale") is not None:
         from m2po.verl_integration.stale_settings import stale_settings_from_config
