@@ -1,10 +1,13 @@
 # One command per job; each creates .venv from scratch when it is missing or pyproject.toml changed.
 #   make main-job  the embedded CPU experiment (stale-data RL on a tiny model) -> outputs/testbed/
+#   make verl-job  the same experiment through verl's own trainer on CPU, cross-checked against main-job's
+#                  results (run main-job first; ~1 h on 2 cores) -> outputs/testbed-verl/
 #   make test    install everything (CPU) and run the whole test suite  <- CI runs this
 #   make check   verify that `import verl` registers the M2PO losses
 #   make cpu-smoke  verl's real trainer on CPU: a few steps of the Qwen2.5-Math-7B M2PO s256 settings, tiny model
 #   make bench   CPU benchmark of the policy losses (table + benchmarks/results/*.json)
 #   make bench-buffer  the stale buffer at the paper's scale (64 x 2048 x 4k tokens; ~8 GB of temporary disk)
+#   make bench-verl    where a step of verl's trainer goes on CPU, verl's defaults vs the CPU backend
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -14,7 +17,7 @@ TORCH_SPEC ?= torch==2.13.0
 TORCH_PIP_ARGS ?=
 PIP := $(PY) -m pip install --quiet --disable-pip-version-check
 
-.PHONY: main-job test check bench bench-buffer cpu-smoke install clean
+.PHONY: main-job verl-job test check bench bench-buffer bench-verl cpu-smoke install clean
 
 $(VENV)/.installed: pyproject.toml constraints-cpu.txt
 	rm -rf $(VENV)
@@ -33,6 +36,9 @@ test: $(VENV)/.installed
 main-job: $(VENV)/.installed
 	$(PY) -m m2po.testbed
 
+verl-job: $(VENV)/.installed
+	$(PY) -m m2po.testbed --engine verl
+
 check: $(VENV)/.installed
 	$(PY) -m m2po check
 
@@ -44,6 +50,9 @@ bench: $(VENV)/.installed
 
 bench-buffer: $(VENV)/.installed
 	$(PY) benchmarks/bench_stale_buffer.py
+
+bench-verl: $(VENV)/.installed
+	$(PY) benchmarks/bench_verl_cpu_step.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis benchmarks/results

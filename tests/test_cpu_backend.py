@@ -28,7 +28,7 @@ from m2po.dry_run import main as dry_run_main
 from tests.test_train_scripts import EXPERIMENT_SCRIPTS, SCRIPTS_DIR, _python_call
 
 REGISTRY_PROBE = """
-import json, torch
+import json, logging, os, torch
 import verl
 from verl.plugin.platform.platform_manager import PlatformRegistry, get_platform
 from verl.workers.engine.base import EngineRegistry
@@ -51,12 +51,16 @@ print(json.dumps({
     "checkpoint_engines": sorted(CheckpointEngineRegistry._registry),
     "device": get_platform().device_name,
     "replay_poll_s": buffer.poll_interval,
+    "tq_threads": os.environ.get("TQ_NUM_THREADS"),
+    "token_builder_warning_filtered": any(
+        not f.filter(logging.makeLogRecord({"msg": "No model-specific Continuous Token builder is registered"}))
+        for f in logging.getLogger("verl.utils.tokenizer.continuous_token_wiring").filters),
 }))
 """
 
 
 def _probe(**env_changes) -> dict:
-    env = {k: v for k, v in os.environ.items() if k != "VERL_PLATFORM"}
+    env = {k: v for k, v in os.environ.items() if k not in ("VERL_PLATFORM", "TQ_NUM_THREADS")}
     env.update(env_changes)
     out = subprocess.run([sys.executable, "-c", REGISTRY_PROBE], capture_output=True, text=True, env=env, cwd="/", timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -71,7 +75,8 @@ def test_unselected_backend_leaves_verl_unchanged():
     assert not state["init_process_group_patched"] and state["offload_policy"] == "CPUOffloadPolicy"
     assert not state["snapshot_patched"] and "m2po_cpu" not in state["checkpoint_engines"]
     assert state["device"] == "cuda"  # verl's own fallback on a machine without accelerators
-    assert state["replay_poll_s"] == 2.0
+    assert state["replay_poll_s"] == 2.0 and not state["token_builder_warning_filtered"]
+    assert state["tq_threads"] is None
 
 
 def test_selected_backend_registers_platform_engines_rollout_and_patches():
@@ -81,7 +86,11 @@ def test_selected_backend_registers_platform_engines_rollout_and_patches():
     assert state["cpu_engines"] == ["fsdp", "fsdp2"]
     assert state["init_process_group_patched"] and state["offload_policy"] == "UnpinnedCPUOffloadPolicy"
     assert state["snapshot_patched"] and "m2po_cpu" in state["checkpoint_engines"]
-    assert state["replay_poll_s"] == POLL_INTERVAL_S < 2.0
+    assert state["replay_poll_s"] == POLL_INTERVAL_S < 2.0 and state["token_builder_warning_filtered"]
+    # TransferQueue's threads: the physical cores (at most 8), inherited by the local Ray cluster's workers
+    import psutil
+
+    assert state["tq_threads"] == str(min(8, psutil.cpu_count(logical=False)))
     # the knob that restores verl's own poll (for timing comparisons)
     assert _probe(VERL_PLATFORM="cpu", **{POLL_INTERVAL_ENV: "2"})["replay_poll_s"] == 2.0
 

@@ -16,7 +16,7 @@ from hypothesis import given, settings, strategies as st
 from m2po.configs import compose
 from m2po.dry_run import validate_experiment
 from m2po.testbed.config import ENGINES, VERL_METHODS, preset
-from m2po.testbed.evaluation import evaluate
+from m2po.testbed.evaluation import draw_seed, evaluate, held_out_problems
 from m2po.testbed.model import build_model, build_tokenizer, response_log_probs, sample
 from m2po.testbed.task import BOS_ID, EOS_ID, PAD_ID, SYMBOLS, TOKEN_ID, task_from_json, task_to_json
 from m2po.testbed.verl_engine import verl_overrides, write_data
@@ -142,7 +142,7 @@ def test_val_data_is_the_testbeds_held_out_set_and_train_data_is_uniform(tmp_pat
     config = dataclasses.replace(CONFIG, rl=dataclasses.replace(CONFIG.rl, eval_problems=64))
     train_file, val_file = write_data(config, str(tmp_path / "data"))
     val = pd.read_parquet(val_file)
-    operands = TASK.sample_operands(64, torch.Generator().manual_seed(10_000))  # evaluate(..., seed=0)
+    operands = held_out_problems(TASK, 64, seed=0)
     assert [(r["a"], r["b"]) for r in val["extra_info"]] == [tuple(p) for p in operands.tolist()]
     assert [m[0]["content"] for m in val["prompt"]] == [f"{a:02d}+{b:02d}=" for a, b in operands.tolist()]
     assert list(val["reward_model"].map(lambda r: r["ground_truth"])) == [str(a + b) for a, b in operands.tolist()]
@@ -153,8 +153,8 @@ def test_val_data_is_the_testbeds_held_out_set_and_train_data_is_uniform(tmp_pat
 
 
 def test_evaluate_and_verl_validation_score_the_same_problems():
-    """`evaluate` draws its problems from the generator seeded 10_000 + seed before sampling: the val
-    parquet (seed 0) is that set; checked through the function itself with a policy that copies."""
+    """`evaluate` scores `held_out_problems` (the val parquet holds seed 0's): checked through the
+    function itself, with a policy that records its prompts."""
     seen = []
 
     class Recorder(torch.nn.Module):
@@ -164,8 +164,27 @@ def test_evaluate_and_verl_validation_score_the_same_problems():
 
     with pytest.raises(StopIteration):
         evaluate(Recorder(), TASK, 32, seed=0)
-    expected = TASK.encode_prompts(TASK.sample_operands(32, torch.Generator().manual_seed(10_000)))
+    expected = TASK.encode_prompts(held_out_problems(TASK, 32, seed=0))
     assert torch.equal(seen[0], expected)
+
+
+def test_each_evaluation_draws_afresh_and_a_draw_is_reproducible(monkeypatch):
+    """One sampling draw shared by every evaluation would bias all of them alike (docs/testbed-verl.md):
+    the draw is keyed by what identifies the evaluation (a run's seed and iteration)."""
+    import m2po.testbed.evaluation as evaluation
+
+    seeds, original = [], evaluation.sample
+
+    def recording_sample(model, prompts, response_len, generator):
+        seeds.append(generator.initial_seed())
+        return original(model, prompts, response_len, generator)
+
+    monkeypatch.setattr(evaluation, "sample", recording_sample)
+    model = build_model(CONFIG.model, seed=0).eval()
+    for draw in ((0, 10), (0, 20), (1, 10), (0, 10)):
+        evaluate(model, TASK, 8, seed=0, draw=draw)
+    assert seeds[0] == seeds[3] == draw_seed(0, (0, 10))
+    assert len(set(seeds[:3])) == 3
 
 
 def test_the_overlay_holds_the_testbeds_default_settings():

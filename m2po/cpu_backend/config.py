@@ -181,3 +181,4 @@ def register_resolvers() -> None:
         OmegaConf.register_new_resolver("m2po_cpu_slots", _slots_resolver)
     if not OmegaConf.has_resolver("m2po_cpu_tiny"):
         OmegaConf.register_new_resolver("m2po_cpu_tiny", _tiny_resolver)
+

@@ -17,6 +17,8 @@ import torch
 # The environment variable sets another (e.g. 2 to time verl's own behaviour).
 POLL_INTERVAL_S = 0.05
 POLL_INTERVAL_ENV = "M2PO_CPU_REPLAY_POLL_S"
+# "0" keeps verl's per-request Continuous Token warning (to time verl's own behaviour)
+LOG_FILTER_ENV = "M2PO_CPU_LOG_FILTER"
 
 PATCHES = (
     (
@@ -48,6 +50,20 @@ PATCHES = (
         f"the v1 replay buffer polls TransferQueue every 2 s while it waits for a batch (replay_buffer.py:144,409), "
         f"which was most of a CPU step; the poll interval is {POLL_INTERVAL_S} s on CPU (no config key sets it; "
         f"${POLL_INTERVAL_ENV} overrides it).",
+    ),
+    (
+        "environment: TQ_NUM_THREADS",
+        "TransferQueue asks torch for 8 threads per put and get (TQ_NUM_THREADS) and, on a machine with fewer "
+        "physical cores, warns on every call (one log line per sample, forwarded by Ray) before using the "
+        "physical count; set to the physical cores (at most 8) in the driver's environment, which the local Ray "
+        "cluster's workers inherit, unless already set.",
+    ),
+    (
+        "logging: verl.utils.tokenizer.continuous_token_wiring",
+        "verl's agent loop builds a Continuous Token builder per request and warns each time that a llama "
+        "model_type has no model-specific one (continuous_token_wiring.py:210); on CPU that warning, one log line "
+        f"per sample forwarded by Ray, is filtered out (the generic builder is the right one for the tiny models; "
+        f"{LOG_FILTER_ENV}=0 keeps it).",
     ),
 )
 
@@ -165,6 +181,33 @@ def _patch_replay_buffer_poll() -> None:
     ReplayBuffer.__init__ = __init__
 
 
+class _DropMessage:
+    """A logging filter that drops records whose message starts with `prefix`."""
+
+    def __init__(self, prefix: str):
+        self.prefix = prefix
+
+    def filter(self, record) -> bool:
+        return not str(record.msg).startswith(self.prefix)
+
+
+def _quiet_per_request_warnings() -> None:
+    import logging
+
+    if os.environ.get(LOG_FILTER_ENV, "1") == "0":
+        return
+    wiring = logging.getLogger("verl.utils.tokenizer.continuous_token_wiring")
+    if not any(isinstance(f, _DropMessage) for f in wiring.filters):
+        wiring.addFilter(_DropMessage("No model-specific Continuous Token builder"))
+
+
+def _cap_transfer_queue_threads() -> None:
+    import psutil
+
+    cores = psutil.cpu_count(logical=False) or os.cpu_count() or 1
+    os.environ.setdefault("TQ_NUM_THREADS", str(max(1, min(8, cores))))
+
+
 def _register_engines() -> None:
     """verl's own FSDP engines, registered for device "cpu" through the public registry."""
     from verl.workers.engine.base import EngineRegistry
@@ -182,4 +225,6 @@ def apply_patches() -> None:
     _patch_valuehead_loader()
     _patch_sharded_snapshot()
     _patch_replay_buffer_poll()
+    _quiet_per_request_warnings()
+    _cap_transfer_queue_threads()
     _register_engines()

@@ -43,9 +43,10 @@ VERL_METHODS = {
 ENGINES = {"testbed": METHODS, "verl": VERL_METHODS}
 
 
-# What a testbed policy is; part of the base policy's cache key. Version 2: the softmax over the whole
-# vocabulary, as verl computes it (version 1 masked every logit but digits and EOS).
-POLICY_DEFINITION = "full-vocabulary softmax (v2)"
+# What a testbed policy is and how its accuracy is measured; part of the base policy's cache key.
+# Version 2: the softmax over the whole vocabulary, as verl computes it (version 1 masked every logit
+# but digits and EOS), evaluated with fresh sampling draws (version 1 reused one draw).
+POLICY_DEFINITION = "full-vocabulary softmax, fresh evaluation draws (v2)"
 
 
 @dataclass(frozen=True)

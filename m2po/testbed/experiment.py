@@ -174,8 +174,17 @@ def run_verl_experiment(config: TestbedConfig, out_dir: str, testbed_out: str, w
         return ""
     testbed_summary, testbed_runs = _testbed_results(config, testbed_out)
     elapsed = time.time() - started
-    path = write_verl_report(out_dir, config, load_verl_runs(out_dir, config), testbed_summary, testbed_runs, command,
-                             elapsed)
+    from m2po.testbed.rl import FINAL_POLICY
+    from m2po.testbed.verl_engine import export_final_policy
+
+    runs = load_verl_runs(out_dir, config)
+    print("[testbed] re-evaluating the final policies ...", flush=True)
+    verl_finals = {m: {s: export_final_policy(os.path.join(out_dir, "runs", f"{m}-seed{s}")) for s in seeds}
+                   for m, seeds in runs.items()}
+    testbed_finals = {m: {s: os.path.join(testbed_out, "runs", f"{m}-seed{s}", FINAL_POLICY) for s in seeds}
+                      for m, seeds in (testbed_runs or {}).items()}
+    path = write_verl_report(out_dir, config, runs, testbed_summary, testbed_runs, command, elapsed,
+                             verl_final_models=verl_finals, testbed_final_models=testbed_finals)
     print(f"[testbed] report: {path}", flush=True)
     return path
 

@@ -28,7 +28,7 @@ import m2po.verl_integration  # noqa: F401  (registers m2po / no_trust_region, a
 from m2po.buffer import PolicyVersion, StaleRolloutBuffer
 from m2po.utils.atomic_io import atomic_directory, atomic_write_bytes
 from m2po.testbed.config import METHODS, TestbedConfig
-from m2po.testbed.model import response_log_probs, sample
+from m2po.testbed.model import response_log_probs, sample, save_pretrained
 from m2po.testbed.evaluation import evaluate
 from m2po.testbed.sft import load_base
 from m2po.verl_integration.config import actor_config
@@ -36,6 +36,7 @@ from m2po.verl_integration.config import actor_config
 CHECKPOINT = "checkpoint"
 METRICS = "metrics.jsonl"
 DONE = "done.json"
+FINAL_POLICY = "final_model"  # the trained policy (save_pretrained), for re-evaluation
 CONSOLE_KEYS = ("accuracy", "rollout_reward", "stale/staleness_updates", "actor/pg_loss", "actor/pg_clipfrac",
                 "actor/m2po/m2_before", "grad_norm")
 
@@ -214,7 +215,8 @@ def run(config: TestbedConfig, method: str, seed: int, base_path: str, run_dir: 
             record["updates"] = updates
             if (iteration + 1) % rl.eval_every == 0 or iteration + 1 == rl.iterations:
                 model.eval()
-                record["accuracy"] = evaluate(model, config.task, rl.eval_problems, seed=0)
+                # fresh sampling draws per evaluation and seed, shared by the methods at one iteration
+                record["accuracy"] = evaluate(model, config.task, rl.eval_problems, seed=0, draw=(seed, iteration))
             log.write(json.dumps(record) + "\n")
             if tracker is not None:
                 tracker.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=iteration)
@@ -227,6 +229,8 @@ def run(config: TestbedConfig, method: str, seed: int, base_path: str, run_dir: 
                 _save_checkpoint(run_dir, model, optimizer, generator, buffer, iteration + 1, updates)
     if tracker is not None:
         tracker.finish()
+    with atomic_directory(os.path.join(run_dir, FINAL_POLICY)) as tmp:
+        save_pretrained(model, tmp)
     summary = {"method": method, "seed": seed, "base_accuracy": base_accuracy, "updates": updates}
     atomic_write_bytes(done_path, json.dumps(summary).encode())
     shutil.rmtree(os.path.join(run_dir, CHECKPOINT), ignore_errors=True)

@@ -71,13 +71,13 @@ def task_rows(config: TestbedConfig, operands, split: str) -> list[dict]:
 def write_data(config: TestbedConfig, directory: str) -> tuple[str, str]:
     """train.parquet and val.parquet for the task (rebuilt only when missing).
 
-    val: the testbed's held-out problems, the very set `m2po.testbed.evaluation.evaluate` scores
-    (same generator and seed). train: uniform random problems as the testbed draws them each
+    val: the testbed's held-out problems, the very set `m2po.testbed.evaluation.evaluate` scores. train: uniform random problems as the testbed draws them each
     iteration, enough for every step, the stale warm-up and the asynchronous trainer's extra prompts
     twice over (verl's dataloader reshuffles and starts again past the end)."""
     import pandas as pd
     import torch
 
+    from m2po.testbed.evaluation import held_out_problems
     from m2po.utils.atomic_io import atomic_directory
 
     rl = config.rl
@@ -87,7 +87,7 @@ def write_data(config: TestbedConfig, directory: str) -> tuple[str, str]:
     warmup = rl.staleness_updates // rl.mini_batches
     train_count = 2 * rl.prompts_per_iteration * (rl.iterations + warmup)
     train = config.task.sample_operands(train_count, torch.Generator().manual_seed(config.base_seed + 1))
-    held_out = config.task.sample_operands(rl.eval_problems, torch.Generator().manual_seed(10_000))  # = evaluate(seed=0)
+    held_out = held_out_problems(config.task, rl.eval_problems, seed=0)
     with atomic_directory(directory) as tmp:
         for split, operands in (("train", train), ("val", held_out)):
             pd.DataFrame(task_rows(config, operands, split)).to_parquet(os.path.join(tmp, f"{split}.parquet"), index=False)
@@ -177,11 +177,13 @@ class RunStopped(RuntimeError):
 
 
 def run_method(config: TestbedConfig, method: str, seed: int, base_path: str, train_file: str, val_file: str,
-               run_dir: str, timeout_s: float | None = None, kill_after_step: int | None = None) -> dict:
+               run_dir: str, timeout_s: float | None = None, kill_after_step: int | None = None,
+               extra_overrides: tuple[str, ...] = (), env: dict | None = None) -> dict:
     """One (method, seed) through verl's main_ppo; resumes from the run's last checkpoint. Returns the
     summary written to done.json. `kill_after_step`: SIGKILL the run once that step is logged (for
-    the resume test; the run then stops there without done.json). Paths are made absolute: main_ppo
-    runs in `run_dir`."""
+    the resume test; the run then stops there without done.json). `extra_overrides`: hydra overrides
+    applied last; `env`: extra environment variables. Paths are made absolute: main_ppo runs in
+    `run_dir`."""
     base_path, train_file, val_file, run_dir = (os.path.abspath(p) for p in (base_path, train_file, val_file, run_dir))
     done_path = os.path.join(run_dir, DONE)
     if os.path.exists(done_path):
@@ -194,12 +196,14 @@ def run_method(config: TestbedConfig, method: str, seed: int, base_path: str, tr
     attempt = os.path.basename(metrics_file).removesuffix(".jsonl")
     overrides = verl_overrides(config, method, seed, base_path, train_file, val_file, run_dir)
     # hydra's own record of the composed config, per attempt, beside the logs
-    command = main_ppo_command([*overrides, f"hydra.run.dir={os.path.join(run_dir, LOGS_DIR, 'hydra-' + attempt)}"])
+    command = main_ppo_command([*overrides, *extra_overrides,
+                                f"hydra.run.dir={os.path.join(run_dir, LOGS_DIR, 'hydra-' + attempt)}"])
     started = time.time()
     with open(log_path, "w") as log:
         log.write("$ " + " ".join(command) + "\n")
         log.flush()
-        process = subprocess.Popen(command, cwd=run_dir, env=run_env(metrics_file), stdout=log, stderr=subprocess.STDOUT,
+        process = subprocess.Popen(command, cwd=run_dir, env={**run_env(metrics_file), **(env or {})}, stdout=log,
+                                   stderr=subprocess.STDOUT,
                                    start_new_session=True, preexec_fn=_die_with_parent)
         atomic_write_bytes(os.path.join(run_dir, RUNNING), json.dumps({"session": process.pid}).encode())
         try:
@@ -289,6 +293,26 @@ def _kill_session(session_id: int) -> None:
             except ProcessLookupError:
                 pass
         time.sleep(0.5)
+
+
+def export_final_policy(run_dir: str) -> str:
+    """The actor of a finished run's last checkpoint as an HF folder (`<run>/final_model`, made once with
+    verl's own `python -m verl.model_merger`), for re-evaluation with the testbed's `evaluate`."""
+    from m2po.testbed.rl import FINAL_POLICY
+    from m2po.utils.atomic_io import atomic_directory
+
+    out = os.path.join(run_dir, FINAL_POLICY)
+    if os.path.isfile(os.path.join(out, "model.safetensors")):
+        return out
+    with open(os.path.join(run_dir, "latest_checkpointed_iteration.txt")) as f:
+        step = int(f.read().strip())
+    actor = os.path.join(run_dir, f"global_step_{step}", "actor")
+    with atomic_directory(out) as tmp:
+        merged = subprocess.run([sys.executable, "-m", "verl.model_merger", "merge", "--backend", "fsdp", "--local_dir",
+                                 actor, "--target_dir", tmp], capture_output=True, text=True)
+        if merged.returncode != 0:
+            raise RunFailed(f"verl.model_merger could not export {actor}: {merged.stderr[-2000:]}")
+    return out
 
 
 def read_run(run_dir: str) -> tuple[dict[int, dict[str, float]], list[str]]:

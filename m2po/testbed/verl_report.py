@@ -10,7 +10,9 @@ mean over seeds of the AUC and the final accuracy, against a tolerance fixed bef
 
 The evaluation's standard error is the binomial one of `eval_problems` samples at the testbed's
 accuracy: for the final accuracy that of one evaluation, for the AUC (the mean of n evaluations,
-whose sampling is independent) that divided by sqrt(n).
+whose sampling is independent) that divided by sqrt(n). A third comparison takes the final policies
+themselves: both engines' are scored by the testbed's `evaluate` with the same `FINAL_DRAWS` sampling
+draws (`final_reevaluated`, standard error divided by sqrt(FINAL_DRAWS)).
 """
 
 from __future__ import annotations
@@ -29,7 +31,8 @@ from m2po.testbed.verl_engine import accuracy_key, read_run
 LOSS_KEYS = ("actor/pg_clipfrac", "actor/m2po/m2_before", "actor/m2po/m2_after", "actor/grad_norm")
 STALENESS_KEYS = ("stale/staleness_updates_mean", "stale/staleness_updates")
 VERL_COLOURS = {**COLOURS, "grpo_async": "tab:purple", "m2po_async": "tab:olive"}
-COMPARED = ("auc", "final")
+COMPARED = ("auc", "final", "final_reevaluated")
+FINAL_DRAWS = 8  # evaluations of each final policy (x eval_problems samples)
 
 
 def verl_records(steps: dict[int, dict[str, float]], config) -> tuple[list[dict], float | None]:
@@ -94,21 +97,38 @@ def evaluation_standard_error(accuracy: float, problems: int, evaluations: int =
     return math.sqrt(p * (1 - p) / problems) / math.sqrt(evaluations)
 
 
+def final_policy_accuracy(model_dir: str, config, draws: int = FINAL_DRAWS) -> float:
+    """Mean accuracy of a saved policy over `draws` evaluations of the held-out set (the same draws for
+    every policy, so both engines' final policies are scored on equal terms)."""
+    import torch
+
+    from m2po.testbed.evaluation import evaluate
+    from m2po.testbed.model import load_pretrained
+
+    torch.set_num_threads(1)
+    model = load_pretrained(model_dir).eval()
+    task, problems = config.task, config.rl.eval_problems
+    return float(np.mean([evaluate(model, task, problems, seed=0, draw=("final", d)) for d in range(draws)]))
+
+
 def crosscheck(verl: dict[str, dict[int, dict]], testbed: dict[str, dict[str, dict]], eval_problems: int,
-               evaluations: int) -> dict[str, dict]:
-    """Per method both engines ran, per compared metric: both means, the testbed's seed sd, the
-    evaluation's standard error, the tolerance, the difference and whether it is within."""
+               evaluations: int, final_draws: int = FINAL_DRAWS) -> dict[str, dict]:
+    """Per method both engines ran, per compared metric both have: both means, the testbed's seed sd,
+    the evaluation's standard error, the tolerance, the difference and whether it is within."""
+    averaged = {"auc": evaluations, "final": 1, "final_reevaluated": final_draws}
     result = {}
     for method in verl:
         if method not in testbed:
             continue
         rows = {}
         for metric in COMPARED:
-            testbed_values = [s[metric] for s in testbed[method].values()]
-            verl_values = [s[metric] for s in verl[method].values()]
+            testbed_values = [s[metric] for s in testbed[method].values() if metric in s]
+            verl_values = [s[metric] for s in verl[method].values() if metric in s]
+            if not testbed_values or not verl_values:
+                continue
             testbed_mean, verl_mean = float(np.mean(testbed_values)), float(np.mean(verl_values))
             sd = float(np.std(testbed_values, ddof=1)) if len(testbed_values) > 1 else float("nan")
-            se = evaluation_standard_error(testbed_mean, eval_problems, evaluations if metric == "auc" else 1)
+            se = evaluation_standard_error(testbed_mean, eval_problems, averaged[metric])
             tolerance = 2 * (0.0 if math.isnan(sd) else sd) + 2 * se
             rows[metric] = {
                 "testbed_mean": testbed_mean, "testbed_sd": sd, "testbed_seeds": len(testbed_values),
@@ -123,18 +143,34 @@ def crosscheck(verl: dict[str, dict[int, dict]], testbed: dict[str, dict[str, di
 # ---------------------------------------------------------------------- output
 
 
+def reevaluate_final_policies(rows: dict[str, dict], final_models: dict[str, dict], config) -> None:
+    """Add `final_reevaluated` to each summary whose run left a final policy (`final_models`: method ->
+    seed -> folder)."""
+    for method, seeds in final_models.items():
+        for seed, model_dir in seeds.items():
+            if method in rows and seed in rows[method] and model_dir and os.path.isdir(model_dir):
+                rows[method][seed]["final_reevaluated"] = final_policy_accuracy(model_dir, config)
+
+
 def write_verl_report(out_dir: str, config, runs: dict[str, dict[int, dict]], testbed_summary: dict | None,
-                      testbed_runs: dict[str, dict[int, list[dict]]] | None, command: str, elapsed_s: float) -> str:
-    """summary.md / summary.json / accuracy.png (+ crosscheck.png and staleness.png); returns summary.md."""
+                      testbed_runs: dict[str, dict[int, list[dict]]] | None, command: str, elapsed_s: float,
+                      verl_final_models: dict | None = None, testbed_final_models: dict | None = None) -> str:
+    """summary.md / summary.json / accuracy.png (+ crosscheck.png and staleness.png); returns summary.md.
+    `*_final_models`: method -> seed -> the run's final policy folder, re-evaluated for the cross-check."""
     testbed_base = testbed_summary["base_accuracy"] if testbed_summary else float("nan")
     rows = summaries(runs, fallback_base=testbed_base)
+    reevaluate_final_policies(rows, verl_final_models or {}, config)
     evaluations = math.ceil(config.rl.iterations / config.rl.eval_every)
-    check = crosscheck(rows, testbed_summary["runs"], config.rl.eval_problems, evaluations) if testbed_summary else {}
-    check = {m: c for m, c in check.items()}
+    check = {}
+    if testbed_summary:
+        testbed_rows = {m: {int(s): dict(v) for s, v in seeds.items()} for m, seeds in testbed_summary["runs"].items()}
+        reevaluate_final_policies(testbed_rows, testbed_final_models or {}, config)
+        check = crosscheck(rows, testbed_rows, config.rl.eval_problems, evaluations)
     notes = {f"{m}-seed{s}": run["notes"] for m, seeds in runs.items() for s, run in seeds.items() if run["notes"]}
     with open(os.path.join(out_dir, "summary.json"), "w") as f:
-        json.dump({"runs": rows, "crosscheck": check, "config": config.to_json(), "command": command,
-                   "elapsed_s": elapsed_s, "notes": notes}, f, indent=1, default=float)
+        json.dump({"runs": rows, "testbed_runs": testbed_rows if testbed_summary else None, "crosscheck": check,
+                   "config": config.to_json(), "command": command, "elapsed_s": elapsed_s, "notes": notes},
+                  f, indent=1, default=float)
     _plot_accuracy(out_dir, runs, rows)
     if testbed_runs:
         _plot_crosscheck(out_dir, runs, testbed_runs, testbed_base)
@@ -150,20 +186,20 @@ def write_verl_report(out_dir: str, config, runs: dict[str, dict[int, dict]], te
         f"k={rl.staleness_updates} updates, tau {rl.m2_threshold}, {rl.iterations} steps, verl's validation on the "
         f"testbed's {rl.eval_problems} held-out problems every {rl.eval_every} steps (temperature 1).",
         "",
-        "| method | seed | base (step 0) | peak | final | AUC | worst drop | masked/clipped | M2 before -> after "
-        "| staleness mean (max) | largest grad norm |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| method | seed | base (step 0) | peak | final | final, re-evaluated | AUC | worst drop | masked/clipped "
+        "| M2 before -> after | staleness mean (max) | largest grad norm |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for method, seeds in rows.items():
         for seed, s in sorted(seeds.items()):
             lines.append(f"| {_label(method)} | {seed} | " + _cells(s) + " |")
         if len(seeds) > 1:
             for name, reduce in (("mean", _nanmean), ("sd", _nanstd)):
-                stat = {k: reduce([s[k] for s in seeds.values()]) for k in next(iter(seeds.values()))}
+                stat = {k: reduce([s.get(k, float("nan")) for s in seeds.values()]) for k in next(iter(seeds.values()))}
                 lines.append(f"| **{_label(method)}** | {name} | " + _cells(stat) + " |")
     lines += ["", "![accuracy](accuracy.png)", "", "![staleness](staleness.png)", ""]
     if check:
-        lines += crosscheck_table(check, rows, testbed_summary)
+        lines += crosscheck_table(check, rows, testbed_rows)
         lines += ["", "![verl vs testbed](crosscheck.png)", ""]
     elif testbed_summary is None:
         lines += ["No testbed results with the same configuration to compare with: run `make main-job` "
@@ -176,12 +212,13 @@ def write_verl_report(out_dir: str, config, runs: dict[str, dict[int, dict]], te
     return path
 
 
-def crosscheck_table(check: dict, verl_rows: dict, testbed_summary: dict) -> list[str]:
+def crosscheck_table(check: dict, verl_rows: dict, testbed_rows: dict) -> list[str]:
     lines = [
         "## Cross-check against the testbed's loop",
         "",
         "Tolerance (fixed before the runs): |verl mean - testbed mean| <= 2 x testbed seed sd + 2 x the "
-        "evaluation's standard error.",
+        f"evaluation's standard error. final_reevaluated: each run's final policy scored by the testbed's "
+        f"`evaluate`, the same {FINAL_DRAWS} draws x the held-out set for every policy.",
         "",
         "| method | metric | testbed mean (sd, seeds) | verl mean (seeds) | difference | tolerance | within |",
         "|---|---|---|---|---|---|---|",
@@ -199,7 +236,7 @@ def crosscheck_table(check: dict, verl_rows: dict, testbed_summary: dict) -> lis
         "|---|---|---|---|",
     ]
     for method in check:
-        t = list(testbed_summary["runs"][method].values())
+        t = list(testbed_rows[method].values())
         v = list(verl_rows[method].values())
         cells = []
         for key, fmt in (("masked_fraction", "{:.2%}"), ("m2_before", "{:.3f}"), ("m2_after", "{:.3f}")):
@@ -219,7 +256,8 @@ def _label(method: str) -> str:
 def _cells(s: dict) -> str:
     staleness = "-" if math.isnan(s["staleness_mean"]) else f"{s['staleness_mean']:.1f} ({s['staleness_max']:.0f})"
     m2 = "-" if math.isnan(s["m2_before"]) else f"{s['m2_before']:.3f} -> {s['m2_after']:.3f}"
-    return (f"{_fmt('{:.3f}', s['base_accuracy'])} | {s['peak']:.3f} | {s['final']:.3f} | {s['auc']:.3f} | "
+    return (f"{_fmt('{:.3f}', s['base_accuracy'])} | {s['peak']:.3f} | {s['final']:.3f} | "
+            f"{_fmt('{:.3f}', s.get('final_reevaluated', float('nan')))} | {s['auc']:.3f} | "
             f"{s['worst_drop']:.3f} | {_fmt('{:.2%}', s['masked_fraction'])} | {m2} | {staleness} | "
             f"{_fmt('{:.2f}', s['grad_norm_max'])}")
 
