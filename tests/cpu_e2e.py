@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 
 from m2po.configs import config_dir
+from m2po.utils.processes import supervise
 
 SYNC_LOG = "rollout-syncs.jsonl"
 
@@ -117,41 +116,10 @@ def run_main_ppo(
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-        deadline = time.monotonic() + timeout_s
         try:
-            while process.poll() is None:
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"main_ppo {name} ran past {timeout_s} s; log: {log_path}")
-                if kill_when is not None and kill_when(output_dir):
-                    os.killpg(process.pid, signal.SIGKILL)
-                    process.wait()
-                    break
-                time.sleep(1)
-        finally:
-            if process.poll() is None:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
-    _kill_session(process.pid)
+            supervise(process, timeout_s, kill_when=None if kill_when is None else lambda: kill_when(output_dir))
+        except TimeoutError:
+            raise TimeoutError(f"main_ppo {name} ran past {timeout_s} s; log: {log_path}") from None
     with open(log_path, errors="replace") as f:
         log_text = f.read()
     return Run(process.returncode, log_text, read_jsonl(metrics_file, missing_ok=True), output_dir)
-
-
-def _session_members(session_id: int) -> list[int]:
-    out = subprocess.run(["ps", "-eo", "pid=,sid="], capture_output=True, text=True, check=True).stdout
-    return [int(pid) for pid, sid in (line.split() for line in out.splitlines()) if int(sid) == session_id]
-
-
-def _kill_session(session_id: int) -> None:
-    """Every process the run started (its Ray cluster included) shares its session: a SIGKILLed driver
-    leaves Ray's processes behind, and a finished one may leave stragglers; none may outlive the run."""
-    for _ in range(20):
-        members = [pid for pid in _session_members(session_id) if pid != os.getpid()]
-        if not members:
-            return
-        for pid in members:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        time.sleep(0.5)

@@ -260,3 +260,40 @@ def test_the_tolerance_is_two_seed_sds_plus_two_evaluation_standard_errors():
     assert math.isclose(final["tolerance"], 2 * 0.02 + 2 * math.sqrt(0.38 * 0.62 / 512))  # 0.0829
     assert math.isclose(final["difference"], -0.10) and not final["within"]
     assert evaluation_standard_error(0.5, 100) == 0.05 and evaluation_standard_error(0.5, 100, 4) == 0.025
+
+
+def test_the_verl_report_puts_both_engines_side_by_side(tmp_path):
+    """summary.md/json and the plots from verl-style metrics of a few runs and testbed summaries."""
+    import json
+
+    from m2po.testbed.verl_report import write_verl_report
+
+    key = "val-core/copy_add/acc/mean@1"
+    config = dataclasses.replace(CONFIG, engine="verl", methods=("grpo_s0", "m2po_async"), seeds=(0,),
+                                 rl=dataclasses.replace(CONFIG.rl, iterations=4, eval_every=2))
+
+    def verl_run(accuracies, staleness):
+        steps = {0: {key: 0.1}}
+        for step in range(1, 5):
+            steps[step] = {"actor/pg_clipfrac": 0.01, "actor/grad_norm": 0.5, "stale/staleness_updates": staleness}
+        steps[2][key], steps[4][key] = accuracies
+        records, base = verl_records(steps, config)
+        return {0: {"records": records, "base_accuracy": base, "notes": []}}
+
+    runs = {"grpo_s0": verl_run((0.2, 0.3), 0.0), "m2po_async": verl_run((0.15, 0.25), 5.5)}
+    testbed_runs = {"grpo_s0": {s: [{"updates": 8, "accuracy": a}, {"updates": 16, "accuracy": b}]
+                                for s, (a, b) in enumerate([(0.2, 0.31), (0.22, 0.3), (0.21, 0.32)])}}
+    testbed_summary = {"base_accuracy": 0.1, "runs": {"grpo_s0": {
+        str(s): {"auc": (a + b) / 2, "final": b, "masked_fraction": 0.0001, "m2_before": float("nan"),
+                 "m2_after": float("nan")} for s, (a, b) in enumerate([(0.2, 0.31), (0.22, 0.3), (0.21, 0.32)])}}}
+    path = write_verl_report(str(tmp_path), config, runs, testbed_summary, testbed_runs, "cmd", 60.0)
+    text = open(path).read()
+    # AUC: verl 0.25 against the testbed's 0.255, 0.26, 0.265 (mean 0.26, sd 0.005), over 2 evaluations
+    tolerance = 2 * 0.005 + 2 * evaluation_standard_error(0.26, 512, 2)
+    assert f"| GRPO, on-policy (s=0) | auc | 0.260 (0.005, 3) | 0.250 (1) | -0.010 | {tolerance:.3f} | yes |" in text
+    assert "| M2PO, separate_async | 0 | 0.100 | 0.250 | 0.250 | - | 0.200 |" in text  # no testbed counterpart
+    assert "5.5 (6)" in text  # its staleness
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert set(summary["crosscheck"]) == {"grpo_s0"} and summary["crosscheck"]["grpo_s0"]["final"]["within"]
+    for plot in ("accuracy.png", "crosscheck.png", "staleness.png"):
+        assert (tmp_path / plot).stat().st_size > 0

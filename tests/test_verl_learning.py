@@ -26,43 +26,47 @@ from m2po.verl_integration.ledger import LEDGER_FILE, read_ledger
 
 pytestmark = pytest.mark.cpu_e2e
 
-STEPS = 24
+STEPS = 32
 STALENESS = 8  # updates: two warm-up batches, then every batch is 8 updates (two steps) old
-EVAL_PROBLEMS = 512
-# Settings of a short run that learns (docs/testbed-verl.md): the default task and model, a shorter
-# SFT, a larger learning rate.
+EVAL_PROBLEMS = 1024
+# A short run that learns (docs/testbed-verl.md, "The learning test"): the default task, model and
+# base policy, 32 steps (128 updates) at lr 2e-4 (the testbed's loop: 1e-4 learns too slowly for 32
+# steps, 5e-4 collapses; at 2e-4 it reached 0.16-0.19 from the base's ~0.06 in 6 runs out of 6).
 CONFIG = dataclasses.replace(
     preset("default"),
     engine="verl",
     methods=("grpo_s0", "m2po_stale"),
     seeds=(0,),
-    sft=dataclasses.replace(preset("default").sft, steps=1000),
-    rl=dataclasses.replace(preset("default").rl, iterations=STEPS, lr=3e-4, staleness_updates=STALENESS,
+    rl=dataclasses.replace(preset("default").rl, iterations=STEPS, lr=2e-4, staleness_updates=STALENESS,
                            eval_every=STEPS, eval_problems=EVAL_PROBLEMS, checkpoint_every=STEPS),
 )
-# An improvement of at least this much: more than 4 standard errors of the difference between two
-# evaluations on 512 problems at the accuracies seen (0.07 before, ~0.3 after: sd of the difference 0.024).
-MARGIN = 0.10
+# The improvement required: 4 standard errors of the difference between two evaluations on 1024
+# problems at the accuracies expected (0.06 before, 0.16 after), rounded up.
+MARGIN = 0.06
 
 
 def difference_standard_error(before: float, after: float, problems: int) -> float:
     return math.sqrt(before * (1 - before) / problems + after * (1 - after) / problems)
 
 
-def test_the_margin_is_well_beyond_the_evaluations_noise():
-    assert MARGIN > 4 * difference_standard_error(0.07, 0.3, EVAL_PROBLEMS)
+def test_the_margin_is_four_standard_errors_of_the_evaluations():
+    assert 4 * difference_standard_error(0.06, 0.16, EVAL_PROBLEMS) < MARGIN < 5 * difference_standard_error(0.06, 0.16, EVAL_PROBLEMS)
 
 
+@pytest.mark.timeout(1200)
 def test_grpo_and_stale_m2po_through_main_ppo_raise_validation_accuracy(tmp_path):
     import torch
 
-    torch.set_num_threads(1)
+    torch.set_num_threads(2)  # the SFT alone (the runs go after it)
     base = base_policy(CONFIG, str(tmp_path / "cache"), progress=False)
     train_file, val_file = write_data(CONFIG, str(tmp_path / "data"))
     runs = {method: str(tmp_path / method) for method in CONFIG.methods}
+    # the stale run with the authors' warm-up name: in verl's trainer it generates the same k/u base-policy
+    # batches before step 1 as the paper's (docs/stale-k.md); the ledger below checks the sequence
+    extra = {"grpo_s0": (), "m2po_stale": ("m2po.stale.warmup=fill_queue",)}
     with ThreadPoolExecutor(len(runs)) as pool:
-        futures = [pool.submit(run_method, CONFIG, method, 0, base, train_file, val_file, run_dir, 900)
-                   for method, run_dir in runs.items()]
+        futures = [pool.submit(run_method, CONFIG, method, 0, base, train_file, val_file, run_dir, 900, None,
+                               extra[method]) for method, run_dir in runs.items()]
         for future in futures:
             future.result()
     key = accuracy_key(CONFIG)

@@ -94,12 +94,7 @@ def write_report(out_dir: str, base_accuracy: float, runs: dict[str, dict[int, l
         "| M2 all tokens | M2 answer tokens |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for method, seeds in rows.items():
-        for seed, s in sorted(seeds.items()):
-            lines.append(f"| {LABELS[method]} | {seed} | " + _cells(s) + " |")
-        for name, reduce in (("mean", _nanmean), ("sd", _nanstd)):
-            stat = {k: reduce([s[k] for s in seeds.values()]) for k in SUMMARY_KEYS}
-            lines.append(f"| **{LABELS[method]}** | {name} | " + _cells(stat) + " |")
+    lines += seed_rows(rows, LABELS.__getitem__, _cells, SUMMARY_KEYS)
     lines += [
         "",
         "M2 before/after: M2PO's statistic (trust-region tokens, per mini-batch). M2 all tokens / answer tokens: "
@@ -111,6 +106,20 @@ def write_report(out_dir: str, base_accuracy: float, runs: dict[str, dict[int, l
     with open(path, "w") as f:
         f.write("\n".join(lines))
     return path
+
+
+def seed_rows(rows: dict[str, dict], label, cells, keys, stats_from: int = 1) -> list[str]:
+    """Markdown rows: one per (method, seed) of `rows` (method -> seed -> summary), then the mean and
+    seed-to-seed sd of each of `keys` per method when it has at least `stats_from` seeds."""
+    lines = []
+    for method, seeds in rows.items():
+        for seed, s in sorted(seeds.items()):
+            lines.append(f"| {label(method)} | {seed} | " + cells(s) + " |")
+        if len(seeds) >= stats_from:
+            for name, reduce in (("mean", _nanmean), ("sd", _nanstd)):
+                stat = {k: reduce([s.get(k, float("nan")) for s in seeds.values()]) for k in keys}
+                lines.append(f"| **{label(method)}** | {name} | " + cells(stat) + " |")
+    return lines
 
 
 def _describe_task(task: dict) -> str:

@@ -27,6 +27,7 @@ import time
 from m2po.testbed.config import VERL_METHODS, TestbedConfig
 from m2po.testbed.task import task_to_json
 from m2po.utils.atomic_io import atomic_write_bytes
+from m2po.utils.processes import kill_session, session_members, supervise
 from m2po.utils.verl_metrics import attempt_files, merge_attempts, next_attempt_file
 
 DONE = "done.json"
@@ -192,6 +193,7 @@ def run_method(config: TestbedConfig, method: str, seed: int, base_path: str, tr
     os.makedirs(os.path.join(run_dir, LOGS_DIR), exist_ok=True)
     _stop_orphan(run_dir)
     metrics_file = next_attempt_file(run_dir)
+    open(metrics_file, "a").close()  # claims the number: an attempt that fails before logging keeps its log
     log_path = os.path.join(run_dir, LOGS_DIR, os.path.basename(metrics_file).replace(".jsonl", ".log"))
     attempt = os.path.basename(metrics_file).removesuffix(".jsonl")
     overrides = verl_overrides(config, method, seed, base_path, train_file, val_file, run_dir)
@@ -207,21 +209,13 @@ def run_method(config: TestbedConfig, method: str, seed: int, base_path: str, tr
                                    start_new_session=True, preexec_fn=_die_with_parent)
         atomic_write_bytes(os.path.join(run_dir, RUNNING), json.dumps({"session": process.pid}).encode())
         try:
-            while process.poll() is None:
-                if STOP.is_set():
-                    raise RunStopped(f"{method} seed {seed}: stopped; the same command resumes it")
-                if timeout_s is not None and time.time() - started > timeout_s:
-                    raise RunFailed(f"{method} seed {seed}: main_ppo ran past {timeout_s:.0f} s; log: {log_path}")
-                if kill_after_step is not None and _logged_step(metrics_file) >= kill_after_step:
-                    os.killpg(process.pid, signal.SIGKILL)
-                    process.wait()
-                    break
-                time.sleep(1)
+            supervise(process, timeout_s, stop=STOP,
+                      kill_when=None if kill_after_step is None else lambda: _logged_step(metrics_file) >= kill_after_step)
+        except TimeoutError:
+            raise RunFailed(f"{method} seed {seed}: main_ppo ran past {timeout_s:.0f} s; log: {log_path}") from None
+        except InterruptedError:
+            raise RunStopped(f"{method} seed {seed}: stopped; the same command resumes it") from None
         finally:
-            if process.poll() is None:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
-            _kill_session(process.pid)
             if os.path.exists(os.path.join(run_dir, RUNNING)):
                 os.remove(os.path.join(run_dir, RUNNING))
     if kill_after_step is not None and process.returncode == -signal.SIGKILL:
@@ -271,28 +265,9 @@ def _stop_orphan(run_dir: str) -> None:
         return
     with open(path) as f:
         session = int(json.load(f)["session"])
-    out = subprocess.run(["ps", "-eo", "sid=,args="], capture_output=True, text=True, check=True).stdout
-    members = [line.split(None, 1) for line in out.splitlines() if line.strip()]
-    if any(int(sid) == session and ("ray" in args or "verl" in args) for sid, args in (m for m in members if len(m) == 2)):
-        _kill_session(session)
+    if any("ray" in args or "verl" in args for _, args in session_members(session)):
+        kill_session(session)
     os.remove(path)
-
-
-def _kill_session(session_id: int) -> None:
-    """Ray's processes started by a run share its session; none may outlive it (a SIGKILLed driver
-    leaves them behind, a finished one sometimes stragglers)."""
-    for _ in range(20):
-        out = subprocess.run(["ps", "-eo", "pid=,sid="], capture_output=True, text=True, check=True).stdout
-        members = [int(pid) for pid, sid in (line.split() for line in out.splitlines())
-                   if int(sid) == session_id and int(pid) != os.getpid()]
-        if not members:
-            return
-        for pid in members:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        time.sleep(0.5)
 
 
 def export_final_policy(run_dir: str) -> str:

@@ -23,7 +23,7 @@ import os
 
 import numpy as np
 
-from m2po.testbed.report import COLOURS, LABELS, _finish, _nanmean, _nanstd, _pyplot, run_summary
+from m2po.testbed.report import COLOURS, LABELS, _finish, _nanmean, _pyplot, run_summary, seed_rows
 from m2po.testbed.config import VERL_METHODS
 from m2po.testbed.verl_engine import accuracy_key, read_run
 
@@ -190,13 +190,8 @@ def write_verl_report(out_dir: str, config, runs: dict[str, dict[int, dict]], te
         "| M2 before -> after | staleness mean (max) | largest grad norm |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for method, seeds in rows.items():
-        for seed, s in sorted(seeds.items()):
-            lines.append(f"| {_label(method)} | {seed} | " + _cells(s) + " |")
-        if len(seeds) > 1:
-            for name, reduce in (("mean", _nanmean), ("sd", _nanstd)):
-                stat = {k: reduce([s.get(k, float("nan")) for s in seeds.values()]) for k in next(iter(seeds.values()))}
-                lines.append(f"| **{_label(method)}** | {name} | " + _cells(stat) + " |")
+    keys = sorted({k for seeds in rows.values() for s in seeds.values() for k in s})
+    lines += seed_rows(rows, _label, _cells, keys, stats_from=2)
     lines += ["", "![accuracy](accuracy.png)", "", "![staleness](staleness.png)", ""]
     if check:
         lines += crosscheck_table(check, rows, testbed_rows)
