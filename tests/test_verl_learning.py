@@ -26,31 +26,33 @@ from m2po.verl_integration.ledger import LEDGER_FILE, read_ledger
 
 pytestmark = pytest.mark.cpu_e2e
 
-STEPS = 32
+STEPS = 24
 STALENESS = 8  # updates: two warm-up batches, then every batch is 8 updates (two steps) old
 EVAL_PROBLEMS = 1024
 # A short run that learns (docs/testbed-verl.md, "The learning test"): the default task, model and
-# base policy, 32 steps (128 updates) at lr 2e-4 (the testbed's loop: 1e-4 learns too slowly for 32
-# steps, 5e-4 collapses; at 2e-4 it reached 0.16-0.19 from the base's ~0.06 in 6 runs out of 6).
+# base policy, 24 steps (96 updates) at lr 1e-4. Chosen on the testbed's loop (8 s a run there), 12 seeds
+# a setting: at 1e-4 both methods went from ~0.06 to 0.13-0.20 (lowest 0.133); at 2e-4 the stale run
+# ended at 0.11-0.12 in 3 seeds of 12 (a run of this test at 2e-4 failed in CI, another collapsed).
 CONFIG = dataclasses.replace(
     preset("default"),
     engine="verl",
     methods=("grpo_s0", "m2po_stale"),
     seeds=(0,),
-    rl=dataclasses.replace(preset("default").rl, iterations=STEPS, lr=2e-4, staleness_updates=STALENESS,
+    rl=dataclasses.replace(preset("default").rl, iterations=STEPS, lr=1e-4, staleness_updates=STALENESS,
                            eval_every=STEPS, eval_problems=EVAL_PROBLEMS, checkpoint_every=STEPS),
 )
-# The improvement required: 4 standard errors of the difference between two evaluations on 1024
-# problems at the accuracies expected (0.06 before, 0.16 after), rounded up.
-MARGIN = 0.06
+# The improvement required: 3 standard errors of the difference between two evaluations on 1024
+# problems at the accuracies expected (0.06 before, 0.15 after), rounded up: a run that learns nothing
+# passes by chance with probability ~0.1%; the lowest of the 24 probe runs cleared it by 0.025.
+MARGIN = 0.045
 
 
 def difference_standard_error(before: float, after: float, problems: int) -> float:
     return math.sqrt(before * (1 - before) / problems + after * (1 - after) / problems)
 
 
-def test_the_margin_is_four_standard_errors_of_the_evaluations():
-    assert 4 * difference_standard_error(0.06, 0.16, EVAL_PROBLEMS) < MARGIN < 5 * difference_standard_error(0.06, 0.16, EVAL_PROBLEMS)
+def test_the_margin_is_three_standard_errors_of_the_evaluations():
+    assert 3 * difference_standard_error(0.06, 0.15, EVAL_PROBLEMS) < MARGIN < 3.5 * difference_standard_error(0.06, 0.15, EVAL_PROBLEMS)
 
 
 @pytest.mark.timeout(1200)

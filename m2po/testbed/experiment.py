@@ -139,6 +139,7 @@ def run_verl_experiment(config: TestbedConfig, out_dir: str, testbed_out: str, w
     print(f"[testbed] base policy accuracy {load_base(base_path)[1]:.3f} (the testbed's evaluation)", flush=True)
     train_file, val_file = write_data(config, os.path.join(out_dir, "data"))
     jobs = [(method, seed) for seed in config.seeds for method in config.methods]
+    already_done = sum(os.path.exists(os.path.join(out_dir, "runs", f"{m}-seed{s}", "done.json")) for m, s in jobs)
     print(f"[testbed] {len(jobs)} runs of verl's main_ppo, {workers} at a time; logs in {out_dir}/runs/<run>/logs",
           flush=True)
     failures = []
@@ -174,6 +175,10 @@ def run_verl_experiment(config: TestbedConfig, out_dir: str, testbed_out: str, w
         return ""
     testbed_summary, testbed_runs = _testbed_results(config, testbed_out)
     elapsed = time.time() - started
+    summary_path = os.path.join(out_dir, "summary.json")
+    if already_done == len(jobs) and os.path.exists(summary_path):
+        with open(summary_path) as f:  # only the report is rebuilt: keep the measured time
+            elapsed = json.load(f).get("elapsed_s", elapsed)
     from m2po.testbed.rl import FINAL_POLICY
     from m2po.testbed.verl_engine import export_final_policy
 

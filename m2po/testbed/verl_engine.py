@@ -33,6 +33,7 @@ from m2po.utils.verl_metrics import attempt_files, merge_attempts, next_attempt_
 DONE = "done.json"
 LOGS_DIR = "logs"
 RUNNING = "running.json"  # the session id of a run's main_ppo while it runs
+ATTEMPTS = "attempts.jsonl"  # in LOGS_DIR: one line per attempt (wall time, exit code, last step logged)
 # Set (e.g. on SIGTERM or Ctrl-C of the launcher): every running main_ppo is stopped and its run
 # raises `RunStopped`; its last checkpoint is where the same command resumes.
 STOP = threading.Event()
@@ -218,6 +219,10 @@ def run_method(config: TestbedConfig, method: str, seed: int, base_path: str, tr
         finally:
             if os.path.exists(os.path.join(run_dir, RUNNING)):
                 os.remove(os.path.join(run_dir, RUNNING))
+            record = {"attempt": attempt, "wall_s": round(time.time() - started, 1), "returncode": process.returncode,
+                      "last_step": _logged_step(metrics_file)}
+            with open(os.path.join(run_dir, LOGS_DIR, ATTEMPTS), "a") as f:
+                f.write(json.dumps(record) + "\n")
     if kill_after_step is not None and process.returncode == -signal.SIGKILL:
         return {"method": method, "seed": seed, "killed_after_step": kill_after_step}
     if process.returncode != 0:
@@ -288,6 +293,15 @@ def export_final_policy(run_dir: str) -> str:
         if merged.returncode != 0:
             raise RunFailed(f"verl.model_merger could not export {actor}: {merged.stderr[-2000:]}")
     return out
+
+
+def attempts_wall_s(run_dir: str) -> float | None:
+    """The wall time of every attempt of a run, summed (None before the first attempt ended)."""
+    path = os.path.join(run_dir, LOGS_DIR, ATTEMPTS)
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return sum(json.loads(line)["wall_s"] for line in f if line.strip())
 
 
 def read_run(run_dir: str) -> tuple[dict[int, dict[str, float]], list[str]]:

@@ -25,7 +25,7 @@ import numpy as np
 
 from m2po.testbed.report import COLOURS, LABELS, _finish, _nanmean, _pyplot, run_summary, seed_rows
 from m2po.testbed.config import VERL_METHODS
-from m2po.testbed.verl_engine import accuracy_key, read_run
+from m2po.testbed.verl_engine import accuracy_key, attempts_wall_s, read_run
 
 # verl's names for what the testbed logs under the same meaning
 LOSS_KEYS = ("actor/pg_clipfrac", "actor/m2po/m2_before", "actor/m2po/m2_after", "actor/grad_norm")
@@ -67,7 +67,8 @@ def load_verl_runs(out_dir: str, config) -> dict[str, dict[int, dict]]:
                 continue
             steps, notes = read_run(run_dir)
             records, base = verl_records(steps, config)
-            runs.setdefault(method, {})[seed] = {"records": records, "base_accuracy": base, "notes": notes}
+            runs.setdefault(method, {})[seed] = {"records": records, "base_accuracy": base, "notes": notes,
+                                                 "wall_s": attempts_wall_s(run_dir)}
     return runs
 
 
@@ -84,6 +85,7 @@ def summaries(runs: dict[str, dict[int, dict]], fallback_base: float) -> dict[st
             grad_norms = [r["actor/grad_norm"] for r in run["records"] if "actor/grad_norm" in r]
             summary["grad_norm_max"] = float(np.max(grad_norms)) if grad_norms else float("nan")
             summary["base_accuracy"] = base
+            summary["wall_min"] = run["wall_s"] / 60 if run.get("wall_s") else float("nan")
             out[method][seed] = summary
     return out
 
@@ -187,8 +189,8 @@ def write_verl_report(out_dir: str, config, runs: dict[str, dict[int, dict]], te
         f"testbed's {rl.eval_problems} held-out problems every {rl.eval_every} steps (temperature 1).",
         "",
         "| method | seed | base (step 0) | peak | final | final, re-evaluated | AUC | worst drop | masked/clipped "
-        "| M2 before -> after | staleness mean (max) | largest grad norm |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| M2 before -> after | staleness mean (max) | largest grad norm | wall (min, all attempts) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     keys = sorted({k for seeds in rows.values() for s in seeds.values() for k in s})
     lines += seed_rows(rows, _label, _cells, keys, stats_from=2)
@@ -254,7 +256,7 @@ def _cells(s: dict) -> str:
     return (f"{_fmt('{:.3f}', s['base_accuracy'])} | {s['peak']:.3f} | {s['final']:.3f} | "
             f"{_fmt('{:.3f}', s.get('final_reevaluated', float('nan')))} | {s['auc']:.3f} | "
             f"{s['worst_drop']:.3f} | {_fmt('{:.2%}', s['masked_fraction'])} | {m2} | {staleness} | "
-            f"{_fmt('{:.2f}', s['grad_norm_max'])}")
+            f"{_fmt('{:.2f}', s['grad_norm_max'])} | {_fmt('{:.1f}', s.get('wall_min', float('nan')))}")
 
 
 def _curve(run: dict) -> tuple[np.ndarray, np.ndarray]:
@@ -296,7 +298,7 @@ def _plot_crosscheck(out_dir, runs, testbed_runs, testbed_base):
         ax.plot(updates, accuracy.mean(axis=0), color="tab:gray", linewidth=2, label="testbed loop (seeds)")
         for seed, run in sorted(runs[method].items()):
             x, y = _curve(run)
-            ax.plot(x, y, color=VERL_COLOURS.get(method), linewidth=1.2, label=f"verl seed {seed}")
+            ax.plot(x, y, linewidth=1.2, label=f"verl's trainer, seed {seed}")  # matplotlib's cycle: not gray
         ax.set_title(_label(method), fontsize=9)
         ax.set_xlabel("model updates")
         ax.grid(alpha=0.3)
