@@ -6,7 +6,7 @@ raw_prompt, reward_model, data_source, uid, session_id, extra_fields; keys and t
 Qwen2.5-Math-7B s=256 settings: 2048 sequences x (1536 prompt + 2560 response) tokens, every
 sequence at full length (the worst case), token ids from a 151,646-token vocabulary.
 
-    python benchmarks/bench_stale_buffer.py                   # 64 queued batches (s=256, u=4), ~8 GB of disk
+    python benchmarks/bench_stale_buffer.py                   # 64 queued batches (s=256, u=4), ~7.1 GiB of disk, ~3 min
     python benchmarks/bench_stale_buffer.py --batches 8 --sequences 256    # a quick look
 
 Phases, as verl's `m2po_stale` trainer drives the buffer:

@@ -12,6 +12,10 @@ YAML. Needs no GPU, model or data.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
+import os
+import re
 import sys
 
 from omegaconf import DictConfig, OmegaConf
@@ -43,16 +47,84 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quiet", action="store_true", help="validate only, do not print the config")
     parser.add_argument("overrides", nargs="*", help="hydra overrides, as for verl's main_ppo")
     args = parser.parse_args(argv)
-    config = compose(args.config_name, args.overrides)
+    verl_output = io.StringIO()
     try:
-        resolved = validate_experiment(config)
+        config = compose(args.config_name, args.overrides)
+        with contextlib.redirect_stdout(verl_output):  # verl prints that its checks passed before ours ran
+            resolved = validate_experiment(config)
     except Exception as error:  # report like a start-up failure, without a traceback
-        print(f"config error: {type(error).__name__}: {error}", file=sys.stderr)
+        print(f"config error: {error_message(error, args.config_name, args.overrides)}", file=sys.stderr)
         return 2
+    sys.stderr.write(verl_output.getvalue())
+    for warning in setup_warnings(resolved):
+        print(f"warning: {warning}", file=sys.stderr)
     if not args.quiet:
         print(OmegaConf.to_yaml(OmegaConf.create(resolved)))
     print(f"# dry run OK: {summary(resolved)}", file=sys.stderr)
     return 0
+
+
+def error_message(error: Exception, config_name: str, overrides: list[str]) -> str:
+    """One line for a config error: an override of a key that does not exist names the nearest one."""
+    from hydra.errors import ConfigCompositionException
+
+    text = str(error).strip()
+    if isinstance(error, ConfigCompositionException):
+        match = re.match(r"Could not override '([^']+)'", text)
+        if match:
+            return unknown_key_message(match.group(1), config_name, overrides)
+        return " ".join(text.split("Config search path")[0].split())
+    return f"{type(error).__name__}: {' '.join(text.split())}"
+
+
+def unknown_key_message(key: str, config_name: str, overrides: list[str]) -> str:
+    """The key's first part that the composed config lacks, and the nearest key there."""
+    from m2po.verl_integration.late_names import nearest
+
+    others = [o for o in overrides if o.lstrip("~+").split("=", 1)[0] != key]
+    try:
+        node = compose(config_name, others)
+    except Exception:  # another override is wrong too: no suggestion then
+        node = None
+    parts, hint = key.split("."), ""
+    for depth, part in enumerate(parts):
+        if not isinstance(node, DictConfig):
+            break
+        if part not in node:
+            close = nearest(part, [str(k) for k in node.keys()])
+            if close:
+                hint = f" (did you mean '{'.'.join([*parts[:depth], close, *parts[depth + 1:]])}'?)"
+            break
+        node = node[part]
+    return f"{key} is not a key of the composed config{hint}; to add a new key, write +{key}=<value>"
+
+
+def setup_warnings(resolved: dict) -> list[str]:
+    """What would fail or be lost only once the run starts: data or a local model that is not there, no
+    metrics file for `m2po report`."""
+    warnings = []
+    data = resolved.get("data", {})
+    for key in ("train_files", "val_files"):
+        files = data.get(key)
+        files = [files] if isinstance(files, str) else list(files or [])
+        missing = [str(p) for p in files if p and "://" not in str(p) and not os.path.exists(os.path.expanduser(str(p)))]
+        if missing:
+            warnings.append(f"data.{key}: {len(missing)} of {len(files)} file(s) not found from {os.getcwd()}: "
+                            f"{', '.join(missing)} (bash train-scripts/generate_datasets.sh writes the paper's datasets)")
+    model = resolved.get("actor_rollout_ref", {}).get("model", {}).get("path")
+    if model and looks_local(str(model)) and not os.path.exists(os.path.expanduser(str(model))):
+        warnings.append(f"actor_rollout_ref.model.path: {model} looks like a local path and does not exist")
+    loggers = resolved.get("trainer", {}).get("logger") or []
+    loggers = [loggers] if isinstance(loggers, str) else list(loggers)
+    if "file" not in loggers:
+        warnings.append(f"trainer.logger={loggers} has no 'file': `m2po report` reads the metrics verl's file "
+                        "logger writes (add trainer.logger=[console,file,...])")
+    return warnings
+
+
+def looks_local(path: str) -> bool:
+    """A hub id is `org/name`; anything absolute, relative to the cwd or home, or deeper, is a path."""
+    return path.startswith(("/", "./", "../", "~")) or path.count("/") != 1
 
 
 def summary(resolved: dict) -> str:
@@ -66,8 +138,24 @@ def summary(resolved: dict) -> str:
         layout += f" train + {rollout['nnodes']}x{rollout['n_gpus_per_node']} GPUs rollout"
     return (
         f"{trainer['experiment_name']} (loss_mode={resolved['actor_rollout_ref']['actor']['policy_loss']['loss_mode']}, "
-        f"staleness={resolved['m2po']['stale']['staleness_updates']} updates, trainer_mode={mode}, {layout})"
+        f"{staleness_summary(resolved, mode)}, trainer_mode={mode}, {layout})"
     )
+
+
+def staleness_summary(resolved: dict, mode: str) -> str:
+    """stale@k: exactly k updates; verl's asynchronous modes: the bound their sampler enforces."""
+    from m2po.verl_integration.trainer_modes import ASYNC_MODES
+
+    if mode not in ASYNC_MODES:
+        return f"staleness={resolved['m2po']['stale']['staleness_updates']} updates"
+    v1 = resolved["trainer"]["v1"]
+    verl_mode = mode.removeprefix("m2po_")  # our modes read the settings of the verl mode they extend
+    sync_step = (v1.get(verl_mode) or {}).get("parameter_sync_step", 1)
+    versions = (v1.get("sampler") or {}).get("max_off_policy_threshold")
+    if versions is None:
+        return "staleness unbounded (trainer.v1.sampler.max_off_policy_threshold=null)"
+    return (f"staleness up to about {versions * sync_step} updates (trainer.v1.sampler.max_off_policy_threshold="
+            f"{versions} versions x trainer.v1.{verl_mode}.parameter_sync_step={sync_step})")
 
 
 if __name__ == "__main__":

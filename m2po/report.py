@@ -3,8 +3,10 @@ what verl logged.
 
 A RUN is a run's checkpoint folder (`trainer.default_local_dir`) or its metrics file. The metrics
 are verl's `file` logger JSON lines (the paper scripts log to `<checkpoint folder>.jsonl`, see
-train-scripts/launch.sh; runs of `python -m m2po.testbed --engine verl` log each attempt to
-`<folder>/metrics/attempt-<n>.jsonl`, merged here with the later attempt winning); the stale ledger (`m2po_stale_ledger.jsonl` in the checkpoint folder), when
+train-scripts/launch.sh, with a resumed run's earlier attempts beside it as `<folder>.attempt-<n>.jsonl`;
+runs of `python -m m2po.testbed --engine verl` log each attempt to `<folder>/metrics/attempt-<n>.jsonl`;
+attempts are merged, the later one winning a step logged twice, and a missing step is reported); the
+stale ledger (`m2po_stale_ledger.jsonl` in the checkpoint folder), when
 there, gives the actor updates per step. Per run it prints the best evaluation step by the
 average over the paper's eight benchmarks (the paper's protocol), each benchmark's accuracy there
 (verl's `val-core/<benchmark>/<acc|reward>/mean@n`: avg@16 for the AIME x4 sets, avg@4 elsewhere),
@@ -23,7 +25,7 @@ import sys
 from dataclasses import asdict, dataclass, field
 
 from m2po.data import PAPER_BENCHMARKS
-from m2po.utils.verl_metrics import ATTEMPTS_DIR, attempt_files, merge_attempts, read_metrics
+from m2po.utils.verl_metrics import ATTEMPTS_DIR, archived_attempts, attempt_files, merge_attempts
 
 LEDGER_FILE = "m2po_stale_ledger.jsonl"  # m2po.verl_integration.ledger.LEDGER_FILE (no verl import here)
 CLIP_FRACTION = "actor/pg_clipfrac"  # the masked (M2PO) or clipped (PPO/GRPO) fraction of tokens
@@ -103,7 +105,11 @@ def load_run(run: str, updates_per_step: int | None = None) -> RunLog:
                 "Log with verl's file logger: trainer.logger='[console,file]' and VERL_FILE_LOGGER_PATH or "
                 "VERL_FILE_LOGGER_ROOT (the paper scripts do this), or pass the .jsonl file itself"
             )
-        steps, notes = read_metrics(path)
+        # earlier attempts of a resumed run, kept beside the file by the plugin (m2po.verl_integration.metrics_attempts)
+        files = [*archived_attempts(path), path]
+        steps, notes = merge_attempts(files)
+        if len(files) > 1:
+            notes.insert(0, f"{len(files)} attempts (a crash or a stop, then a resume) merged")
         # the checkpoint folder: `<folder>.jsonl` beside it, or `<folder>/metrics.jsonl` inside it
         run_dir = os.path.dirname(path) if os.path.basename(path) == "metrics.jsonl" else path[: -len(".jsonl")]
     if not steps:

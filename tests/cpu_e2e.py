@@ -88,16 +88,26 @@ def run_main_ppo(
     timeout_s: int = 480,
     kill_when=None,
     config_name: str = "m2po_trainer",
+    shared_metrics_file: bool = False,
 ) -> Run:
     """Run verl's main_ppo on CPU in `workdir`; outputs under `<workdir>/<name>`.
 
     `kill_when(output_dir)`: polled every second; when it returns True the whole process group is
-    SIGKILLed (a crash: no cleanup, no final save).
+    SIGKILLed (a crash: no cleanup, no final save). `shared_metrics_file`: every attempt logs where
+    verl's file logger logs by default, `<workdir>/<name>.jsonl` beside the run's folder, as the paper
+    scripts do (otherwise each attempt logs to its own `<name>/metrics-<n>.jsonl`).
     """
     output_dir = os.path.join(workdir, name)
     os.makedirs(output_dir, exist_ok=True)
-    metrics_file = os.path.join(output_dir, f"metrics-{len(os.listdir(output_dir))}.jsonl")
+    attempt = len([f for f in os.listdir(output_dir) if f.startswith("metrics-") and f.endswith(".log")])
+    metrics_file = os.path.join(output_dir, f"metrics-{attempt}.jsonl")
     log_path = metrics_file.replace(".jsonl", ".log")
+    env = cpu_env(cache_dir, metrics_file, output_dir)
+    if shared_metrics_file:
+        metrics_file = os.path.join(workdir, f"{name}.jsonl")
+        env.pop("VERL_FILE_LOGGER_PATH")
+        env["VERL_FILE_LOGGER_ROOT"] = os.path.dirname(workdir)
+        overrides = [f"trainer.project_name={os.path.basename(workdir)}", *overrides]
     command = main_ppo_command(
         [
             f"trainer.default_local_dir={output_dir}",
@@ -111,7 +121,7 @@ def run_main_ppo(
         process = subprocess.Popen(
             command,
             cwd=workdir,
-            env=cpu_env(cache_dir, metrics_file, output_dir),
+            env=env,
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
@@ -122,4 +132,5 @@ def run_main_ppo(
             raise TimeoutError(f"main_ppo {name} ran past {timeout_s} s; log: {log_path}") from None
     with open(log_path, errors="replace") as f:
         log_text = f.read()
-    return Run(process.returncode, log_text, read_jsonl(metrics_file, missing_ok=True), output_dir)
+    killed = process.returncode == -9  # a SIGKILL may cut the last line
+    return Run(process.returncode, log_text, read_jsonl(metrics_file, missing_ok=True, skip_cut_lines=killed), output_dir)

@@ -32,8 +32,9 @@ LAYERS = {
     "dry_run": 4,
     "selfcheck": 4,
     "report": 4,
-    "cli": 5,
-    "__main__": 6,
+    "gpu_check": 5,  # runs selfcheck's probe and the CPU backend's tiny task on a GPU
+    "cli": 6,
+    "__main__": 7,
 }
 VERL_FREE = {"utils", "algorithm", "buffer"}
 VERL_PACKAGES = {"verl", "ray", "transfer_queue", "tensordict"}

@@ -17,7 +17,7 @@ import pytest
 from m2po.cpu_backend import tiny
 from m2po.cpu_backend.smoke import smoke_overrides
 from m2po.data import PAPER_BENCHMARKS
-from m2po.report import benchmark_average, main as report_main, validation_accuracy
+from m2po.report import benchmark_average, load_run, main as report_main, validation_accuracy
 from m2po.configs import compose as compose_config
 from m2po.verl_integration.ledger import LEDGER_FILE, read_ledger
 from tests.cpu_e2e import read_jsonl, run_main_ppo
@@ -34,6 +34,10 @@ STALE = [
     f"m2po.stale.staleness_updates={STALE_K}",
     f"trainer.total_training_steps={STALE_STEPS}",
     "trainer.save_freq=2",
+    # validation before training and every 2 steps (greedy: its requests draw nothing from the
+    # training requests' generators), so that the SIGKILL test has validation points on both sides
+    "trainer.val_before_train=true",
+    "trainer.test_freq=2",
 ]
 
 
@@ -144,16 +148,29 @@ def test_sigkill_and_resume_trains_what_an_uninterrupted_run_trains(uninterrupte
         path = os.path.join(output_dir, LEDGER_FILE)
         return os.path.exists(path) and 3 in read_ledger(path)
 
-    crashed = run_main_ppo(str(tmp_path), "resumed", STALE, tiny_cache, kill_when=after_step_3_started)
+    # both attempts log where verl's file logger logs by default, as the paper scripts do
+    crashed = run_main_ppo(str(tmp_path), "resumed", STALE, tiny_cache, kill_when=after_step_3_started,
+                           shared_metrics_file=True)
     assert crashed.returncode == -9, crashed.tail()
+    logged_before_crash = {record["step"] for record in crashed.metrics}
     trained_before_crash = _raw_ledger(crashed.output_dir)
     with open(os.path.join(crashed.output_dir, "global_step_2", "m2po_stale_buffer", "manifest.json")) as f:
         queued = [entry["content_hash"] for entry in json.load(f)["entries"]]
     assert len(queued) == STALE_K // UPDATES_PER_STEP
 
-    resumed = run_main_ppo(str(tmp_path), "resumed", STALE, tiny_cache)
+    resumed = run_main_ppo(str(tmp_path), "resumed", STALE, tiny_cache, shared_metrics_file=True)
     assert_ok(resumed)
-    assert sorted(resumed.by_step()) == list(range(3, STALE_STEPS + 1))  # resumed after step 2
+    # resumed after step 2: validated there again, then trained steps 3-6
+    assert sorted(resumed.by_step()) == list(range(2, STALE_STEPS + 1))
+    assert "metrics of the previous attempt kept" in resumed.log
+    # no metric lost: `m2po report` on the run folder merges the crashed attempt (kept beside it by the
+    # plugin before verl truncated the file) with the resumed one
+    assert {0, 1, 2} <= logged_before_crash
+    report = load_run(str(tmp_path / "resumed"))
+    assert sorted(report.steps) == list(range(STALE_STEPS + 1))
+    validated = sorted(step for step, metrics in report.steps.items() if validation_accuracy(metrics))
+    assert validated == [0, 2, 4, 6]  # step 0 only in the crashed attempt, 4 and 6 only in the resumed one
+    assert report.notes[0] == "2 attempts (a crash or a stop, then a resume) merged"
     raw = _raw_ledger(resumed.output_dir)
     after_resume = raw[len(trained_before_crash) :]
     assert [record["global_step"] for record in after_resume] == list(range(3, STALE_STEPS + 1))

@@ -16,7 +16,7 @@ from verl.workers.utils.losses import ppo_loss
 
 from m2po.algorithm import decoupled_m2po_loss, decoupled_m2po_token_losses, m2po_token_losses, stats_to_floats
 from m2po.verl_integration.behaviour_ratio import UNTRUNCATED_IS_THRESHOLD
-from tests.reference import areal_keep_mask, decoupled_token_losses, second_moments
+from tests.reference import algorithm1_keep_mask, areal_keep_mask, decoupled_token_losses, second_moments
 from m2po.verl_integration.config import actor_config
 from tests.verl_batches import micro_batch, response_grad
 
@@ -242,3 +242,47 @@ def test_a_behaviour_weight_cap_where_nothing_reads_it_is_refused(loss_mode, var
     with pytest.raises(ValueError, match="behaviour_weight_cap=5.0 has no effect"):
         M2POPolicyLossConfig(loss_mode=loss_mode, m2po_variant=variant, behaviour_weight_cap=5.0)
     M2POPolicyLossConfig(loss_mode="m2po", m2po_variant="decoupled", behaviour_weight_cap=5.0)  # read there
+
+
+@pytest.mark.parametrize("seed", range(5))
+@pytest.mark.parametrize("tau", [0.01, 0.04, math.inf])
+def test_the_kept_denominator_is_areals_loss_over_the_tokens_the_mask_kept(seed, tau):
+    """AReaL removes the masked tokens from its loss mask: its micro-batch loss is the sum over the
+    kept tokens divided by their number (reference: the token-by-token losses and AReaL's count)."""
+    current, proximal, behaviour, advantages, mask = _three_policies(seed, staleness=0.6)
+    d = proximal - behaviour
+    ours_lp, ref_lp = current.clone().requires_grad_(), current.clone().requires_grad_()
+    out = decoupled_m2po_token_losses(ours_lp, proximal, d, advantages, mask, tau, 0.2, 0.28, 3.0, denominator="kept")
+    ours = out.token_losses.sum() / mask.sum()  # verl's token-mean over the call's valid tokens
+    kept = int((algorithm1_keep_mask(torch.where(mask, d, 0.0), mask, tau) & mask).sum())
+    reference = decoupled_token_losses(ref_lp, proximal, d, advantages, mask, tau, 0.2, 0.28, 3.0).sum() / max(kept, 1)
+    ours.backward()
+    reference.backward()
+    torch.testing.assert_close(ours, reference, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(ours_lp.grad, ref_lp.grad, rtol=1e-6, atol=1e-7)
+    valid = decoupled_m2po_token_losses(current, proximal, d, advantages, mask, tau, 0.2, 0.28, 3.0)
+    if tau < math.inf:  # the mask kept fewer tokens than there are: AReaL's step is larger
+        assert kept < int(mask.sum())
+        torch.testing.assert_close(ours, valid.token_losses.sum() / mask.sum() * int(mask.sum()) / kept)
+    assert stats_to_floats(out.stats) == stats_to_floats(valid.stats)  # the statistics do not change
+
+
+def test_the_kept_denominator_through_verls_ppo_loss_and_its_refusals():
+    from m2po.verl_integration.config import M2POPolicyLossConfig
+
+    current, proximal, behaviour, advantages, mask = _three_policies(3, staleness=0.6)
+    prompts, tokens = [2] * current.shape[0], int(mask.sum())
+    losses = {}
+    for denominator in ("valid", "kept"):
+        config = actor_config(loss_mode="m2po", m2po_variant="decoupled", decoupled_denominator=denominator)
+        model_output, data, _ = micro_batch(current, proximal, advantages, mask, prompts, batch_num_tokens=tokens,
+                                            global_batch_size=4, rollout_is_weights=_verl_weights(proximal, behaviour, mask))
+        losses[denominator], metrics = ppo_loss(config, model_output, data)
+    kept = tokens - round(metrics["actor/m2po/masked_fraction"].aggregate() * tokens)
+    assert 0 < kept < tokens
+    torch.testing.assert_close(losses["kept"], losses["valid"] * tokens / kept)
+    with pytest.raises(ValueError, match=r"policy_loss.decoupled_denominator must be one of \['valid', 'kept'\]"):
+        M2POPolicyLossConfig(loss_mode="m2po", m2po_variant="decoupled", decoupled_denominator="areal")
+    with pytest.raises(ValueError, match="decoupled_denominator='kept' has no effect with loss_mode='m2po'"):
+        M2POPolicyLossConfig(loss_mode="m2po", m2po_variant="mask", decoupled_denominator="kept")
+    M2POPolicyLossConfig(loss_mode="decoupled_ppo", decoupled_denominator="kept")  # read there

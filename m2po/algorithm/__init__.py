@@ -3,6 +3,7 @@
 from m2po.algorithm.baselines import gppo_token_losses, topr_token_losses
 
 from m2po.algorithm.losses import (
+    DECOUPLED_DENOMINATORS,
     LOG_RATIO_LIMIT,
     LOSS_AGG_MODES,
     M2PO_VARIANTS,
@@ -27,6 +28,7 @@ from m2po.algorithm.masking import (
 )
 
 __all__ = [
+    "DECOUPLED_DENOMINATORS",
     "LOG_RATIO_LIMIT",
     "PAPER_M2_THRESHOLD",
     "LOSS_AGG_MODES",

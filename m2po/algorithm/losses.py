@@ -36,6 +36,7 @@ from m2po.algorithm.masking import (
 )
 
 __all__ = [
+    "DECOUPLED_DENOMINATORS",
     "LOG_RATIO_LIMIT",
     "LOSS_AGG_MODES",
     "M2PO_VARIANTS",
@@ -305,6 +306,11 @@ def no_trust_region_token_losses(
     return TokenLosses(token_losses=token_losses, keep_mask=keep_mask, stats=stats)
 
 
+# Who divides by what in the decoupled variant's token-mean: every valid token (the paper's footnote,
+# the default) or only those the M2 mask kept (AReaL's `_get_m2po_loss_mask` + `ppo_actor_loss_fn`).
+DECOUPLED_DENOMINATORS = ("valid", "kept")
+
+
 def decoupled_m2po_token_losses(
     log_probs: torch.Tensor,
     proximal_log_probs: torch.Tensor,
@@ -317,6 +323,7 @@ def decoupled_m2po_token_losses(
     clip_ratio_c: float | None = None,
     check_finite: bool = True,
     behaviour_weight_cap: float | None = None,
+    denominator: str = "valid",
 ) -> TokenLosses:
     """AReaL's decoupled M2PO: mask on the staleness ratio, then decoupled PPO against the proximal policy.
 
@@ -331,7 +338,11 @@ def decoupled_m2po_token_losses(
 
     Two details differ from AReaL's code, by choice: the stopping rule is the paper's `mean <= tau`
     (AReaL stops at `< tau`, which differs only when a mean equals tau exactly), and when even the
-    smallest `d**2` exceeds tau every token is masked (AReaL keeps one).
+    smallest `d**2` exceeds tau every token is masked (AReaL keeps one). The denominator: masked tokens
+    count in it (`denominator="valid"`, the paper's footnote); AReaL removes them from its loss mask,
+    i.e. divides by the tokens the M2 mask kept: `denominator="kept"` scales every token loss by
+    `n_valid / n_kept` of this call (one micro-batch in verl), which gives AReaL's loss under a
+    token-mean over the call's valid tokens.
 
     With `m2_threshold=inf` this is AReaL's decoupled PPO (`use_decoupled_loss`), and
     `behaviour_weight_cap` is its `behav_imp_weight_cap`: a token whose `w` exceeds the cap
@@ -350,6 +361,7 @@ def decoupled_m2po_token_losses(
         clip_ratio_c: dual-clip bound (> 1) for `A < 0`, or None.
         check_finite: reject NaN/inf on valid tokens (one host sync).
         behaviour_weight_cap: drop tokens whose `w` exceeds it (> 0), or None for no cap.
+        denominator: "valid" (the paper's) or "kept" (AReaL's), see above.
 
     Returns:
         TokenLosses; `keep_mask` is False on masked, capped and clipped tokens (no gradient); stats as
@@ -358,6 +370,8 @@ def decoupled_m2po_token_losses(
         `behaviour_capped_fraction` (valid tokens the cap dropped).
     """
     tau = check_m2_threshold(m2_threshold)
+    if denominator not in DECOUPLED_DENOMINATORS:
+        raise ValueError(f"denominator must be one of {list(DECOUPLED_DENOMINATORS)}, got {denominator!r}")
     if behaviour_weight_cap is not None and not behaviour_weight_cap > 0:
         raise ValueError(f"behaviour_weight_cap must be > 0 or None, got {behaviour_weight_cap!r}")
     named = {
@@ -395,6 +409,9 @@ def decoupled_m2po_token_losses(
         capped = response_mask & (behaviour_weight > behaviour_weight_cap)
     kept = m2_keep & ~capped  # neither masked by M2 nor dropped by the cap
     token_losses = _finish(surrogate, kept & response_mask, behaviour_weight)
+    if denominator == "kept":  # AReaL: the tokens the M2 mask removed leave the denominator too
+        num_valid, num_kept = response_mask.sum(), (m2_keep & response_mask).sum()
+        token_losses = token_losses * (num_valid / num_kept.clamp(min=1)).to(token_losses.dtype)
     stats = _stats(ratio, log_ratio, second_moment, response_mask, response_mask, m2_keep)
     valid = response_mask.sum().to(torch.float64).clamp(min=1)
     stats["behaviour_capped_fraction"] = capped.sum().to(torch.float64) / valid

@@ -53,7 +53,8 @@ def build_tokenizer():
     return tokenizer
 
 
-def build_model(seed: int = 0):
+def build_model(seed: int = 0, hidden_size: int = 64, intermediate_size: int = 128, num_attention_heads: int = 4):
+    """The tiny Llama (head size 16 by default; `m2po check --gpu` asks for 64, which GPU kernels take)."""
     from transformers import GenerationConfig
 
     from m2po.utils.tiny_llama import tiny_llama
@@ -62,10 +63,10 @@ def build_model(seed: int = 0):
     model = tiny_llama(
         seed,
         vocab_size=len(SYMBOLS),
-        hidden_size=64,
-        intermediate_size=128,
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
         num_hidden_layers=2,
-        num_attention_heads=4,
+        num_attention_heads=num_attention_heads,
         num_key_value_heads=2,
         max_position_embeddings=256,
         bos_token_id=None,

@@ -1,10 +1,16 @@
 """Reading what verl's `file` logger wrote, across the attempts of a run (no verl import).
 
 verl's file logger opens its JSON-lines file with mode "wb" (`verl/utils/tracking.py`), so a run that
-is resumed into the same file erases the metrics logged before the crash. A run launched by this
-package therefore logs each attempt to its own file, `<run>/metrics/attempt-<n>.jsonl`
-(`VERL_FILE_LOGGER_PATH`), and readers merge the attempts: a step logged by several attempts (the
-steps after the last checkpoint are trained again after a resume) takes the later attempt's values.
+is resumed into the same file would erase the metrics logged before the crash. Two layouts keep them:
+- `python -m m2po.testbed --engine verl` logs each attempt to its own file,
+  `<run>/metrics/attempt-<n>.jsonl` (`VERL_FILE_LOGGER_PATH`);
+- any other run with the plugin installed (the paper scripts, a user's own `main_ppo`): when a run
+  resumes, the plugin moves the previous attempts' file `<name>.jsonl` aside to
+  `<name>.attempt-<n>.jsonl` before verl truncates it (`m2po.verl_integration.metrics_attempts`);
+  a run that starts afresh moves the old files to `<name>.superseded-<time>...` instead, so that they
+  are neither lost nor merged into the new run.
+Readers merge the attempts: a step logged by several attempts (the steps after the last checkpoint are
+trained again after a resume) takes the later attempt's values.
 """
 
 from __future__ import annotations
@@ -32,6 +38,29 @@ def next_attempt_file(run_dir: str) -> str:
     number = 1 + max((int(_ATTEMPT.match(os.path.basename(p)).group(1)) for p in existing), default=0)
     os.makedirs(os.path.join(run_dir, ATTEMPTS_DIR), exist_ok=True)
     return os.path.join(run_dir, ATTEMPTS_DIR, f"attempt-{number:03d}.jsonl")
+
+
+def archived_attempts(metrics_file: str) -> list[str]:
+    """The earlier attempts kept beside `<name>.jsonl` as `<name>.attempt-<n>.jsonl`, oldest first."""
+    folder, base = os.path.split(os.path.abspath(metrics_file))
+    stem = base.removesuffix(".jsonl")
+    pattern = re.compile(rf"^{re.escape(stem)}\.attempt-(\d+)\.jsonl$")
+    if not os.path.isdir(folder):
+        return []
+    numbered = [(int(m.group(1)), name) for name in os.listdir(folder) if (m := pattern.match(name))]
+    return [os.path.join(folder, name) for _, name in sorted(numbered)]
+
+
+def next_archive_path(metrics_file: str) -> str:
+    """Where the attempt now in `metrics_file` is kept when the run resumes."""
+    numbers = [int(p.rsplit(".attempt-", 1)[1].removesuffix(".jsonl")) for p in archived_attempts(metrics_file)]
+    return f"{os.path.abspath(metrics_file).removesuffix('.jsonl')}.attempt-{1 + max(numbers, default=0):03d}.jsonl"
+
+
+def superseded_path(path: str, metrics_file: str, stamp: str) -> str:
+    """`path` (the metrics file or one of its archives) renamed out of the run's attempts."""
+    stem = os.path.abspath(metrics_file).removesuffix(".jsonl")
+    return f"{stem}.superseded-{stamp}{os.path.abspath(path)[len(stem):]}"
 
 
 def read_metrics(path: str) -> tuple[dict[int, dict[str, float]], list[str]]:

@@ -28,7 +28,13 @@ import math
 
 from omegaconf import DictConfig
 
-from m2po.verl_integration.trainer_modes import ASYNC_MODES, STALE_TRAINER_MODE, decoupled_loss_setting, trainer_mode
+from m2po.verl_integration.trainer_modes import (
+    ASYNC_MODES,
+    OUR_TRAINER_MODES,
+    STALE_TRAINER_MODE,
+    decoupled_loss_setting,
+    trainer_mode,
+)
 from m2po.utils.config_values import config_value
 
 LOSS_KEY = "actor_rollout_ref.actor.policy_loss"
@@ -51,6 +57,24 @@ DECOUPLED_FIX = (
 
 
 
+def parse_is_threshold(spec) -> tuple[float, float | None]:
+    """`(upper, lower)` of `rollout_is_threshold` read as verl 0.9.1 reads it
+    (`trainer/ppo/rollout_corr_helper.py::_parse_rollout_is_threshold`): a string with an underscore is
+    an IcePop band `lower_upper` (weights outside it are zeroed), even where Python's `float()` would
+    read it as one number (`'1_1000000000'`)."""
+    if isinstance(spec, bool):
+        raise TypeError(f"rollout_is_threshold must be a number or 'lower_upper', got {spec!r}")
+    if isinstance(spec, (int, float)):
+        return float(spec), None
+    if not isinstance(spec, str) or not spec.strip():
+        raise TypeError(f"rollout_is_threshold must be a number or 'lower_upper', got {spec!r}")
+    spec = spec.strip()
+    if "_" in spec:
+        lower, upper = spec.split("_", 1)
+        return float(upper), float(lower)
+    return float(spec), None
+
+
 def _untruncated_token_weights_errors(config: DictConfig, why: str) -> list[str]:
     """What keeps `rollout_is_weights` from being exactly `pi_prox / pi_behav` per token."""
     errors = []
@@ -59,10 +83,10 @@ def _untruncated_token_weights_errors(config: DictConfig, why: str) -> list[str]
         errors.append(f"{CORRECTION_KEY}.rollout_is={rollout_is!r}: {why} needs per-token weights, set it to 'token'")
     threshold = config_value(config, f"{CORRECTION_KEY}.rollout_is_threshold", 2.0)
     try:
-        upper = float(threshold)
-    except (TypeError, ValueError):  # "lower_upper" is IcePop: it zeroes weights outside the band
-        upper = None
-    if upper is None or upper < UNTRUNCATED_IS_THRESHOLD:
+        upper, lower = parse_is_threshold(threshold)
+    except (TypeError, ValueError):
+        upper, lower = None, None
+    if upper is None or lower is not None or upper < UNTRUNCATED_IS_THRESHOLD:
         errors.append(
             f"{CORRECTION_KEY}.rollout_is_threshold={threshold!r}: {why} reads log(pi_prox / pi_behav) from the weights, "
             f"which must not be truncated or zeroed; set it to {UNTRUNCATED_IS_THRESHOLD:g}"
@@ -142,8 +166,76 @@ def behaviour_ratio_errors(config: DictConfig) -> list[str]:
     return errors
 
 
+ROLLOUT_KEY = "actor_rollout_ref.rollout"
+M2PO_FAMILY = ("m2po", "no_trust_region", "decoupled_ppo")  # losses whose mask or weights read log(pi / pi_behav)
+
+
+def rollout_log_probs_in_loss(config: DictConfig) -> str | None:
+    """Why the loss reads the rollout engine's log-probs (as old_log_prob or inside the importance
+    weights), or None where the trainer recomputes the behaviour log-probs itself."""
+    mode = trainer_mode(config)
+    if config_value(config, f"{CORRECTION_KEY}.bypass_mode", False):
+        return f"{CORRECTION_KEY}.bypass_mode=true (old_log_prob = the rollout's log-probs)"
+    if mode == STALE_TRAINER_MODE and config_value(config, "m2po.stale.behaviour_log_probs", "actor") == "rollout":
+        return "m2po.stale.behaviour_log_probs=rollout (old_log_prob = the rollout's log-probs)"
+    if config_value(config, f"{CORRECTION_KEY}.rollout_is") is not None:
+        return f"{CORRECTION_KEY}.rollout_is (the weights divide by the rollout's probabilities)"
+    loss_mode = config_value(config, f"{LOSS_KEY}.loss_mode", "vanilla")
+    decoupled = decoupled_loss_setting(loss_mode, config_value(config, f"{LOSS_KEY}.m2po_variant", "mask"))
+    return f"{LOSS_KEY}.{decoupled} (its weights divide by the rollout's probabilities)" if decoupled else None
+
+
+def rollout_log_prob_errors(config: DictConfig) -> list[str]:
+    """Rollout settings under which the engine's log-probs are not those of the distribution verl's
+    actor recomputes (the full softmax at the rollout temperature), where the loss reads them: M2 would
+    carry an offset that has nothing to do with staleness, and the mask would act on it."""
+    ours = (config_value(config, f"{LOSS_KEY}.loss_mode", "vanilla") in M2PO_FAMILY
+            or trainer_mode(config) in OUR_TRAINER_MODES)
+    why = rollout_log_probs_in_loss(config) if ours else None  # verl's own losses and trainers: verl's call
+    if why is None or not config_value(config, CALCULATE_LOG_PROBS_KEY, True):
+        return []
+    top_p = config_value(config, f"{ROLLOUT_KEY}.top_p", 1.0)
+    top_k = config_value(config, f"{ROLLOUT_KEY}.top_k", -1)
+    temperature = config_value(config, f"{ROLLOUT_KEY}.temperature", 1.0)
+    logprobs_mode = config_value(config, f"{ROLLOUT_KEY}.logprobs_mode", "processed_logprobs")
+    errors = []
+    if top_p is not None and float(top_p) < 1:
+        errors.append(f"{ROLLOUT_KEY}.top_p={top_p}: the rollout's log-probs are then those of the truncated, "
+                      "renormalised distribution, not the full softmax the actor recomputes; set it to 1")
+    if top_k is not None and int(top_k) > 0:
+        errors.append(f"{ROLLOUT_KEY}.top_k={top_k}: the rollout's log-probs are then those of the truncated, "
+                      "renormalised distribution, not the full softmax the actor recomputes; set it to -1")
+    if logprobs_mode is not None and str(logprobs_mode).endswith("logits"):
+        errors.append(f"{ROLLOUT_KEY}.logprobs_mode={logprobs_mode}: logits are not log-probs; set processed_logprobs")
+    elif logprobs_mode == "raw_logprobs" and temperature is not None and float(temperature) != 1:
+        errors.append(f"{ROLLOUT_KEY}.logprobs_mode=raw_logprobs ignores {ROLLOUT_KEY}.temperature={temperature}, "
+                      "which the actor applies when it recomputes; set processed_logprobs")
+    return [f"{error} ({why})" for error in errors]
+
+
+def rejection_sampling_errors(config: DictConfig) -> list[str]:
+    """verl's rollout rejection sampling with an M2PO-family loss: ignored in bypass mode, and otherwise
+    it drops tokens from the set whose second moment the mask bounds."""
+    rs = config_value(config, f"{CORRECTION_KEY}.rollout_rs")
+    loss_mode = config_value(config, f"{LOSS_KEY}.loss_mode", "vanilla")
+    if rs is None or loss_mode not in M2PO_FAMILY:
+        return []
+    if config_value(config, f"{CORRECTION_KEY}.bypass_mode", False):
+        effect = "verl ignores it in bypass mode, so the run would not do what it says"
+    else:
+        effect = "it removes tokens from the response mask, i.e. from the set whose M2 the mask bounds"
+    return [f"{CORRECTION_KEY}.rollout_rs={rs!r} with {LOSS_KEY}.loss_mode={loss_mode}: {effect}; M2PO's mask is "
+            "its own rejection rule, set rollout_rs=null"]
+
+
 def check_behaviour_ratio(config: DictConfig) -> None:
-    """Raise a ValueError naming every offending key (see `behaviour_ratio_errors`)."""
+    """Raise a ValueError naming every offending key (see `behaviour_ratio_errors`,
+    `rollout_log_prob_errors`, `rejection_sampling_errors`)."""
     errors = behaviour_ratio_errors(config)
     if errors:
         raise ValueError("the policy loss would not see the ratio to the behaviour policy: " + "; ".join(errors))
+    log_prob_errors = rollout_log_prob_errors(config)
+    errors = (["the behaviour log-probs would not be what the trainer recomputes: " + "; ".join(log_prob_errors)]
+              if log_prob_errors else []) + rejection_sampling_errors(config)
+    if errors:
+        raise ValueError("; ".join(errors))

@@ -13,7 +13,7 @@ from typing import Optional
 
 from verl.workers.config import FSDPActorConfig, PolicyLossConfig
 
-from m2po.algorithm import PAPER_M2_THRESHOLD, check_m2_threshold, check_variant
+from m2po.algorithm import DECOUPLED_DENOMINATORS, PAPER_M2_THRESHOLD, check_m2_threshold, check_variant
 from m2po.verl_integration.trainer_modes import decoupled_loss_setting
 
 KEY_PREFIX = "actor_rollout_ref.actor.policy_loss"
@@ -33,12 +33,16 @@ class M2POPolicyLossConfig(PolicyLossConfig):
             a PPO clip against pi_prox; see docs/async.md).
         behaviour_weight_cap (float, optional): for the decoupled losses (`loss_mode=decoupled_ppo`,
             `m2po_variant=decoupled`): drop tokens whose pi_prox / pi_behav exceeds it (AReaL's
-            `behav_imp_weight_cap`); None = no cap.
+            `behav_imp_weight_cap`, now its `rejection_sampling` setting); None = no cap.
+        decoupled_denominator (str): for the decoupled losses, what the token-mean divides by: "valid"
+            (every valid token, the paper's footnote; default) or "kept" (the tokens the M2 mask kept,
+            AReaL's code: the loss scaled by n_valid / n_kept per micro-batch); docs/async.md.
     """
 
     m2_threshold: float = PAPER_M2_THRESHOLD
     m2po_variant: str = "mask"
     behaviour_weight_cap: Optional[float] = None
+    decoupled_denominator: str = "valid"
 
     def __post_init__(self):
         check_m2_threshold(self.m2_threshold, key=f"{KEY_PREFIX}.m2_threshold")
@@ -46,6 +50,16 @@ class M2POPolicyLossConfig(PolicyLossConfig):
         cap = self.behaviour_weight_cap
         if cap is not None and (isinstance(cap, bool) or not isinstance(cap, (int, float)) or not cap > 1):
             raise ValueError(f"{KEY_PREFIX}.behaviour_weight_cap must be a number > 1 or null (no cap), got {cap!r}")
+        if self.decoupled_denominator not in DECOUPLED_DENOMINATORS:
+            raise ValueError(
+                f"{KEY_PREFIX}.decoupled_denominator must be one of {list(DECOUPLED_DENOMINATORS)}, "
+                f"got {self.decoupled_denominator!r}"
+            )
+        if self.decoupled_denominator != "valid" and decoupled_loss_setting(self.loss_mode, self.m2po_variant) is None:
+            raise ValueError(
+                f"{KEY_PREFIX}.decoupled_denominator={self.decoupled_denominator!r} has no effect with loss_mode="
+                f"{self.loss_mode!r} (m2po_variant={self.m2po_variant!r}): only the decoupled losses have it"
+            )
         if cap is not None and decoupled_loss_setting(self.loss_mode, self.m2po_variant) is None:
             raise ValueError(
                 f"{KEY_PREFIX}.behaviour_weight_cap={cap} has no effect with loss_mode={self.loss_mode!r} "

@@ -133,6 +133,7 @@ def _decoupled_token_losses(
         clip_ratio_high=high,
         clip_ratio_c=dual,
         behaviour_weight_cap=_policy_loss_value(config, "behaviour_weight_cap"),
+        denominator=_policy_loss_value(config, "decoupled_denominator") or "valid",
     )
 
 

@@ -10,15 +10,17 @@ every error names the key to change.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Optional
 
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 from verl.base_config import BaseConfig
 from verl.utils.config import omega_conf_to_dataclass
 
 from m2po.buffer import WARMUP_BASE_POLICY, StalenessConfig
 from m2po.utils.config_values import config_value
+from m2po.verl_integration.late_names import did_you_mean
 from m2po.verl_integration.trainer_modes import STALE_TRAINER_MODE as TRAINER_MODE
 
 BEHAVIOUR_LOG_PROBS = ("actor", "rollout")
@@ -71,7 +73,16 @@ class StaleSectionConfig(BaseConfig):
 def stale_section(config: DictConfig) -> StaleSectionConfig:
     """The validated `m2po.stale` section (the defaults when the config has none)."""
     section = OmegaConf.select(config, SECTION)
-    return StaleSectionConfig() if section is None else omega_conf_to_dataclass(section, StaleSectionConfig)
+    if section is None:
+        return StaleSectionConfig()
+    try:
+        return omega_conf_to_dataclass(section, StaleSectionConfig)
+    except OmegaConfBaseException as error:  # its key is relative to the section and its text spans lines
+        key = getattr(error, "key", None)
+        reason = str(getattr(error, "msg", error)).splitlines()[0]
+        known = [f.name for f in fields(StaleSectionConfig) if not f.name.startswith("_")]
+        hint = "" if key is None or key in known else did_you_mean(key, known)
+        raise ValueError(f"{SECTION if key is None else f'{SECTION}.{key}'}: {reason}{hint}") from None
 
 
 @dataclass(frozen=True)
@@ -153,6 +164,15 @@ def _check_trainer(config: DictConfig, settings: StaleTrainerSettings) -> None:
             f"trainer.v1.trainer_mode={TRAINER_MODE} (got use_v1={use_v1}, trainer_mode={trainer_mode}); "
             f"configs/m2po_trainer.yaml sets both"
         )
+    if trainer_mode == TRAINER_MODE:
+        for section in (TRAINER_MODE, "sync"):  # verl reads trainer.v1.<mode>; our trainer runs sync's loop
+            key = f"trainer.v1.{section}.parameter_sync_step"
+            value = config_value(config, key, None)
+            if value not in (None, 1):
+                raise ValueError(
+                    f"{key}={value}: trainer.v1.trainer_mode={TRAINER_MODE} syncs the rollout's weights after every "
+                    f"step (1) and would silently ignore it; remove it (the staleness is {SECTION}.staleness_updates)"
+                )
     if not settings.enabled:  # staleness 0: verl's sync trainer, nothing else to check
         return
     if config_value(config, "trainer.critic_warmup", 0):

@@ -11,10 +11,15 @@ against the wrong ratio or failing after the workers have started. The same chec
 from __future__ import annotations
 
 import functools
+import sys
 
 from omegaconf import DictConfig, OmegaConf
 
+import wrapt
+
 from m2po.verl_integration.behaviour_ratio import check_behaviour_ratio
+from m2po.verl_integration.late_names import late_name_errors
+from m2po.verl_integration.trainer_modes import LOSS_MODES
 
 
 # Keys verl 0.9.1 declares but never reads, and the key that does the job: a value set there would be
@@ -41,9 +46,10 @@ def ignored_key_errors(config: DictConfig) -> list[str]:
 
 
 def check_m2po_config(config: DictConfig) -> None:
-    """Raise a ValueError naming every offending key: the behaviour-ratio rules, keys verl would
-    silently ignore and, when the config has an `m2po.stale` section, the stale@k settings."""
-    errors = ignored_key_errors(config)
+    """Raise a ValueError naming every offending key: names verl resolves only after start-up, keys
+    verl would silently ignore, the behaviour-ratio rules and, when the config has an `m2po.stale`
+    section, the stale@k settings."""
+    errors = late_name_errors(config) + ignored_key_errors(config)
     if errors:
         raise ValueError("; ".join(errors))
     check_behaviour_ratio(config)
@@ -64,9 +70,54 @@ def install_validate_config_hook() -> None:
 
     @functools.wraps(original)
     def validate_config(config, *args, **kwargs):
-        result = original(config, *args, **kwargs)
-        check_m2po_config(config)
-        return result
+        check_m2po_config(config)  # first: verl's prints that every check passed when its own do
+        return original(config, *args, **kwargs)
 
     validate_config._m2po_checks = True
     verl_config.validate_config = validate_config
+
+
+# verl's other entry points that train on off-policy data through `run_ppo` (verl/experimental): neither
+# records which weights generated a sample for our ledger, `fully_async_policy` never calls
+# `validate_config`, and in their default decoupled mode the loss sees a ratio to a recomputed snapshot.
+# Our losses are refused there; `trainer.v1.trainer_mode=m2po_separate_async|m2po_colocate_async` are the
+# supported asynchronous trainers (docs/async.md).
+UNSUPPORTED_ENTRY_POINTS = ("verl.experimental.fully_async_policy", "verl.experimental.one_step_off_policy")
+
+
+def entry_point_errors(config: DictConfig, task_runner_class) -> list[str]:
+    """Our losses under one of verl's experimental off-policy entry points."""
+    module = getattr(task_runner_class, "__module__", "") or ""
+    if module == "__main__":  # `python -m verl.experimental...`: the module's own name is in its spec
+        spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+        module = spec.name if spec is not None else module
+    entry = next((e for e in UNSUPPORTED_ENTRY_POINTS if module == e or module.startswith(e + ".")), None)
+    loss_mode = OmegaConf.select(config, "actor_rollout_ref.actor.policy_loss.loss_mode", default=None)
+    if entry is None or loss_mode not in LOSS_MODES:
+        return []
+    return [
+        f"actor_rollout_ref.actor.policy_loss.loss_mode={loss_mode} is not supported under {entry}: that entry point "
+        "hands the loss a recomputed old_log_prob unless bypass mode is on, records no staleness, and this package "
+        "has not tested it; run verl.trainer.main_ppo with trainer.v1.trainer_mode=m2po_separate_async or "
+        "m2po_colocate_async instead (docs/async.md)"
+    ]
+
+
+def _check_run_ppo(wrapped, instance, args, kwargs):
+    config = args[0] if args else kwargs.get("config")
+    task_runner_class = args[1] if len(args) > 1 else kwargs.get("task_runner_class")
+    errors = entry_point_errors(config, task_runner_class) if isinstance(config, DictConfig) else []
+    if errors:
+        raise ValueError("; ".join(errors))
+    return wrapped(*args, **kwargs)
+
+
+def install_entry_point_hook() -> None:
+    """Wrap `verl.trainer.main_ppo.run_ppo`, which every verl entry point calls in its driver before Ray
+    starts (the experimental ones import it at call time, so they get the wrapped one)."""
+
+    @wrapt.when_imported("verl.trainer.main_ppo")
+    def _wrap(module):
+        if not getattr(module.run_ppo, "_m2po_entry_points", False):
+            wrapt.wrap_function_wrapper(module, "run_ppo", _check_run_ppo)
+            module.run_ppo._m2po_entry_points = True

@@ -62,6 +62,32 @@ VERL_INTERNALS = (
         "utils/config.py:88",
         "main_ppo's driver runs M2PO's start-up checks there, before Ray starts",
     ),
+    (
+        "verl.trainer.main_ppo.run_ppo (wrapped)",
+        "trainer/main_ppo.py:34",
+        "every entry point's driver calls it before Ray starts, the experimental off-policy ones included "
+        "(fully_async_policy never calls validate_config): our losses are refused there",
+    ),
+    (
+        "TRAINER_REGISTRY",
+        "trainer/ppo/v1/trainer_base.py:1996",
+        "trainer.v1.trainer_mode, resolved only in the TaskRunner, checked at start-up (late_names.py)",
+    ),
+    (
+        "RolloutReplicaRegistry._registry",
+        "workers/rollout/replica.py:315",
+        "actor_rollout_ref.rollout.name, resolved only when the rollout starts, checked at start-up (late_names.py)",
+    ),
+    (
+        "Tracking.__init__ (wrapped) and FileLogger's path and mode 'wb'",
+        "utils/tracking.py:62,529",
+        "a resumed run's earlier metrics are moved aside before verl truncates the file (metrics_attempts.py)",
+    ),
+    (
+        "rollout_corr_helper._parse_rollout_is_threshold's reading of a string with '_' (mirrored)",
+        "trainer/ppo/rollout_corr_helper.py:93",
+        "an IcePop band such as '1_1000000000' is not read as one number (behaviour_ratio.parse_is_threshold)",
+    ),
 )
 
 
