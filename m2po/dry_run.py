@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
-import os
 import re
 import sys
 
@@ -55,9 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as error:  # report like a start-up failure, without a traceback
         print(f"config error: {error_message(error, args.config_name, args.overrides)}", file=sys.stderr)
         return 2
-    sys.stderr.write(verl_output.getvalue())
-    for warning in setup_warnings(resolved):
-        print(f"warning: {warning}", file=sys.stderr)
+    sys.stderr.write(verl_output.getvalue())  # with our warnings (startup_checks.setup_warnings)
     if not args.quiet:
         print(OmegaConf.to_yaml(OmegaConf.create(resolved)))
     print(f"# dry run OK: {summary(resolved)}", file=sys.stderr)
@@ -71,14 +68,14 @@ def error_message(error: Exception, config_name: str, overrides: list[str]) -> s
     text = str(error).strip()
     if isinstance(error, ConfigCompositionException):
         match = re.match(r"Could not override '([^']+)'", text)
-        if match:
-            return unknown_key_message(match.group(1), config_name, overrides)
-        return " ".join(text.split("Config search path")[0].split())
+        message = unknown_key_message(match.group(1), config_name, overrides) if match else None
+        return message or " ".join(text.split("Config search path")[0].split())
     return f"{type(error).__name__}: {' '.join(text.split())}"
 
 
-def unknown_key_message(key: str, config_name: str, overrides: list[str]) -> str:
-    """The key's first part that the composed config lacks, and the nearest key there."""
+def unknown_key_message(key: str, config_name: str, overrides: list[str]) -> str | None:
+    """The key's first part that the composed config lacks, and the nearest key there; None when the
+    key exists (hydra could not override it for another reason, which its own message says)."""
     from m2po.verl_integration.late_names import nearest
 
     others = [o for o in overrides if o.lstrip("~+").split("=", 1)[0] != key]
@@ -86,6 +83,8 @@ def unknown_key_message(key: str, config_name: str, overrides: list[str]) -> str
         node = compose(config_name, others)
     except Exception:  # another override is wrong too: no suggestion then
         node = None
+    if node is None:
+        return f"{key} is not a key of the composed config; to add a new key, write +{key}=<value>"
     parts, hint = key.split("."), ""
     for depth, part in enumerate(parts):
         if not isinstance(node, DictConfig):
@@ -96,35 +95,9 @@ def unknown_key_message(key: str, config_name: str, overrides: list[str]) -> str
                 hint = f" (did you mean '{'.'.join([*parts[:depth], close, *parts[depth + 1:]])}'?)"
             break
         node = node[part]
+    else:
+        return None
     return f"{key} is not a key of the composed config{hint}; to add a new key, write +{key}=<value>"
-
-
-def setup_warnings(resolved: dict) -> list[str]:
-    """What would fail or be lost only once the run starts: data or a local model that is not there, no
-    metrics file for `m2po report`."""
-    warnings = []
-    data = resolved.get("data", {})
-    for key in ("train_files", "val_files"):
-        files = data.get(key)
-        files = [files] if isinstance(files, str) else list(files or [])
-        missing = [str(p) for p in files if p and "://" not in str(p) and not os.path.exists(os.path.expanduser(str(p)))]
-        if missing:
-            warnings.append(f"data.{key}: {len(missing)} of {len(files)} file(s) not found from {os.getcwd()}: "
-                            f"{', '.join(missing)} (bash train-scripts/generate_datasets.sh writes the paper's datasets)")
-    model = resolved.get("actor_rollout_ref", {}).get("model", {}).get("path")
-    if model and looks_local(str(model)) and not os.path.exists(os.path.expanduser(str(model))):
-        warnings.append(f"actor_rollout_ref.model.path: {model} looks like a local path and does not exist")
-    loggers = resolved.get("trainer", {}).get("logger") or []
-    loggers = [loggers] if isinstance(loggers, str) else list(loggers)
-    if "file" not in loggers:
-        warnings.append(f"trainer.logger={loggers} has no 'file': `m2po report` reads the metrics verl's file "
-                        "logger writes (add trainer.logger=[console,file,...])")
-    return warnings
-
-
-def looks_local(path: str) -> bool:
-    """A hub id is `org/name`; anything absolute, relative to the cwd or home, or deeper, is a path."""
-    return path.startswith(("/", "./", "../", "~")) or path.count("/") != 1
 
 
 def summary(resolved: dict) -> str:

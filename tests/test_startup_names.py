@@ -13,7 +13,7 @@ import verl
 from hypothesis import given, strategies as st
 
 from m2po.configs import compose, config_dir
-from m2po.dry_run import looks_local, main as dry_run_main
+from m2po.dry_run import main as dry_run_main
 from m2po.verl_integration.late_names import (
     VERL_ROLLOUTS,
     VERL_TRAINER_MODES,
@@ -26,7 +26,7 @@ from m2po.verl_integration.late_names import (
     registered_trainers,
     top_level_names,
 )
-from m2po.verl_integration.startup_checks import entry_point_errors
+from m2po.verl_integration.startup_checks import entry_point_errors, looks_local
 from m2po.verl_integration.trainer_modes import LOSS_MODES, OUR_TRAINER_MODES
 
 PAPER = ["llm=qwen2.5-math-7b", "method=m2po", "m2po.stale.staleness_updates=256"]
@@ -161,8 +161,8 @@ def test_missing_data_a_missing_local_model_and_no_file_logger_are_warned(tmp_pa
 
 
 def test_a_hub_id_is_not_a_local_path():
-    assert not looks_local("Qwen/Qwen2.5-Math-7B")
-    assert all(looks_local(p) for p in ("/models/x", "./x", "../x", "~/x", "models/org/x", "x"))
+    assert not looks_local("Qwen/Qwen2.5-Math-7B") and not looks_local("gpt2")
+    assert all(looks_local(p) for p in ("/models/x", "./x", "../x", "~/x", "models/org/x"))
 
 
 def test_the_async_summary_states_the_staleness_bound(capsys):
@@ -224,3 +224,26 @@ def test_the_entry_point_check_leaves_verls_losses_and_main_ppo_alone():
     assert entry_point_errors(config, TaskRunnerV1) == []
     [error] = entry_point_errors(config, FullyAsyncTaskRunner)
     assert "loss_mode=m2po is not supported under verl.experimental.fully_async_policy" in error
+
+
+def test_an_existing_key_is_never_called_unknown():
+    from m2po.dry_run import unknown_key_message
+
+    assert unknown_key_message("data.train_batch_size", "m2po_paper", PAPER) is None  # hydra's own reason then
+    assert unknown_key_message("data.train_batch_size.per_gpu", "m2po_paper", PAPER) == (
+        "data.train_batch_size.per_gpu is not a key of the composed config; to add a new key, write "
+        "+data.train_batch_size.per_gpu=<value>")
+
+
+def test_main_ppos_driver_warns_too(tmp_path, monkeypatch, capsys):
+    """The same warnings from verl's own validate_config (wrapped by the plugin), which main_ppo's driver
+    calls before Ray starts."""
+    from verl.trainer.ppo.utils import need_critic, need_reference_policy
+    from verl.utils.config import validate_config
+
+    monkeypatch.chdir(tmp_path)
+    config = paper_config("data.train_files=train.parquet", "actor_rollout_ref.model.path=/nowhere/model")
+    validate_config(config=config, use_reference_policy=need_reference_policy(config), use_critic=need_critic(config))
+    out = capsys.readouterr().out
+    assert f"warning: data.train_files: 1 of 1 file(s) not found from {tmp_path}: train.parquet" in out
+    assert "warning: actor_rollout_ref.model.path: /nowhere/model looks like a local path and does not exist" in out

@@ -11,6 +11,7 @@ against the wrong ratio or failing after the workers have started. The same chec
 from __future__ import annotations
 
 import functools
+import os
 import sys
 
 from omegaconf import DictConfig, OmegaConf
@@ -59,6 +60,33 @@ def check_m2po_config(config: DictConfig) -> None:
         stale_settings_from_config(config)
 
 
+def setup_warnings(config: DictConfig) -> list[str]:
+    """What would fail or be lost only once the run has started: data or a local model that is not
+    there, no metrics file for `m2po report` (warned, not refused: the run may create or mount them)."""
+    warnings = []
+    for key in ("data.train_files", "data.val_files"):
+        files = OmegaConf.select(config, key, default=None)
+        files = [files] if isinstance(files, str) else list(files or [])
+        missing = [str(p) for p in files if p and "://" not in str(p) and not os.path.exists(os.path.expanduser(str(p)))]
+        if missing:
+            warnings.append(f"{key}: {len(missing)} of {len(files)} file(s) not found from {os.getcwd()}: "
+                            f"{', '.join(missing)} (bash train-scripts/generate_datasets.sh writes the paper's datasets)")
+    model = OmegaConf.select(config, "actor_rollout_ref.model.path", default=None)
+    if model and looks_local(str(model)) and not os.path.exists(os.path.expanduser(str(model))):
+        warnings.append(f"actor_rollout_ref.model.path: {model} looks like a local path and does not exist")
+    loggers = OmegaConf.select(config, "trainer.logger", default=None) or []
+    loggers = [loggers] if isinstance(loggers, str) else [str(x) for x in loggers]
+    if "file" not in loggers:
+        warnings.append(f"trainer.logger={loggers} has no 'file': `m2po report` reads the metrics verl's file "
+                        "logger writes (add trainer.logger=[console,file,...])")
+    return warnings
+
+
+def looks_local(path: str) -> bool:
+    """A hub id is `name` or `org/name`; anything absolute, relative to the cwd or home, or deeper, is a path."""
+    return path.startswith(("/", "./", "../", "~")) or path.count("/") > 1
+
+
 def install_validate_config_hook() -> None:
     """Wrap `verl.utils.config.validate_config` (idempotent). `verl.trainer.main_ppo` imports the
     function after `import verl` has loaded this plugin, so its driver calls the wrapped one."""
@@ -71,7 +99,10 @@ def install_validate_config_hook() -> None:
     @functools.wraps(original)
     def validate_config(config, *args, **kwargs):
         check_m2po_config(config)  # first: verl's prints that every check passed when its own do
-        return original(config, *args, **kwargs)
+        result = original(config, *args, **kwargs)
+        for warning in setup_warnings(config):
+            print(f"warning: {warning}", file=sys.stdout, flush=True)
+        return result
 
     validate_config._m2po_checks = True
     verl_config.validate_config = validate_config
