@@ -157,7 +157,7 @@ DEFAULT_TASK = "copy_add"
 
 
 def preset(name: str, task: str = DEFAULT_TASK) -> TestbedConfig:
-    """"default": the README experiment (3 seeds, < 15 min on 2 cores); "quick": the CI smoke run.
+    """"default": the README experiment (3 seeds, ~8 min on 2 cores); "quick": the CI smoke run (~1 min).
     `task`: "addition" (answer only) or "copy_add" (operands restated before the answer)."""
     if task not in TASKS:
         raise ValueError(f"task must be one of {list(TASKS)}, got {task!r}")

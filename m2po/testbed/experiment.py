@@ -1,9 +1,9 @@
 """The embedded main job: base policy, then every (method, seed) run in parallel, then the report.
 
-    python -m m2po.testbed                 # default experiment: copy_add task, 4 methods x 3 seeds (~10 min on 2 cores)
+    python -m m2po.testbed                 # default experiment: copy_add task, 4 methods x 3 seeds (~8 min on 2 cores)
     python -m m2po.testbed --task addition # the answer-only addition task (~11 min)
-    python -m m2po.testbed --quick         # CI smoke preset (< 2 min)
-    python -m m2po.testbed --engine verl   # the same experiment through verl's main_ppo on CPU, with
+    python -m m2po.testbed --quick         # CI smoke preset (about 1 min)
+    python -m m2po.testbed --engine verl   # the same experiment through verl's main_ppo on CPU (~93 min), with
                                            # verl's asynchronous trainer too, cross-checked (docs/testbed-verl.md)
 
 Re-running the same command resumes: finished runs are kept, interrupted ones continue from their
@@ -197,7 +197,7 @@ def run_verl_experiment(config: TestbedConfig, out_dir: str, testbed_out: str, w
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m m2po.testbed", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="CI smoke preset: 1 seed, 24 iterations (< 2 min)")
+    parser.add_argument("--quick", action="store_true", help="CI smoke preset: 1 seed, 24 iterations (about 1 min)")
     parser.add_argument("--task", choices=list(TASKS), default=DEFAULT_TASK,
                         help=f"addition: the answer only; copy_add: operands restated before the answer (default {DEFAULT_TASK})")
     parser.add_argument("--out", default=None, help=f"results folder (default {DEFAULT_OUT}[-<task> unless the default task][-quick])")
