@@ -1,7 +1,7 @@
 """`m2po check --gpu`: one command that proves an install on a GPU machine, ending with a pass/fail table.
 
     pip install -e ".[gpu]"      # verl[vllm] 0.9.1 and cupy (the async scripts' nccl checkpoint engine)
-    m2po check --gpu             # under ten minutes on one GPU
+    m2po check --gpu             # meant to take under ten minutes on one GPU (not yet timed on one)
 
 Rows: the plugin's registration in a fresh `import verl` (`m2po check`); torch, CUDA, NCCL, vLLM,
 flash-attn and cupy versions; `pytest -m gpu` (from a source checkout); then a few real steps of verl's
