@@ -55,7 +55,8 @@ def environment_rows(cuda: bool) -> list[Row]:
     names = sorted({torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())})
     rows.append(Row("CUDA device", "pass", f"{torch.cuda.device_count()} x {', '.join(names)}"))
     nccl = torch.cuda.nccl.version() if torch.distributed.is_nccl_available() else None
-    rows.append(Row("NCCL", "pass" if nccl else "FAIL", ".".join(map(str, nccl)) if nccl else "not available in torch"))
+    nccl_text = ".".join(map(str, nccl)) if isinstance(nccl, (tuple, list)) else str(nccl)  # an int in old torch
+    rows.append(Row("NCCL", "pass" if nccl else "FAIL", nccl_text if nccl else "not available in torch"))
     for package, why in (("vllm", "the rollout of every shipped script"),
                          ("flash-attn", "attention kernels (verl's FSDP actor)"),
                          ("cupy-cuda12x", "the async scripts' nccl checkpoint engine")):
