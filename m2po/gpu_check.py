@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import io
-import json
 import os
 import subprocess
 import sys
@@ -147,21 +146,9 @@ def run_overrides(kind: str, gpus: int, paths: dict[str, str], out_dir: str) -> 
     return [*overrides, "trainer.v1.trainer_mode=m2po_colocate_async", "trainer.n_gpus_per_node=1"]
 
 
-def _read_metrics(path: str) -> dict[int, dict]:
-    steps: dict[int, dict] = {}
-    if os.path.exists(path):
-        with open(path) as f:
-            for line in f:
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
-                steps.setdefault(record["step"], {}).update(record["data"])
-    return steps
-
-
 def main_ppo_row(kind: str, gpus: int, paths: dict[str, str], out_dir: str) -> Row:
     from m2po.configs import config_dir
+    from m2po.utils.verl_metrics import read_metrics
     from m2po.verl_integration.ledger import LEDGER_FILE, read_ledger
 
     name = {"stale": f"main_ppo m2po_stale (k={STALE_K}, vLLM + FSDP)",
@@ -179,7 +166,7 @@ def main_ppo_row(kind: str, gpus: int, paths: dict[str, str], out_dir: str) -> R
             return Row(name, "FAIL", f"ran past {RUN_TIMEOUT_S} s; log: {log_file}")
     if code != 0:
         return Row(name, "FAIL", f"exit code {code}; log: {log_file}")
-    steps = _read_metrics(metrics_file)
+    steps = read_metrics(metrics_file)[0] if os.path.exists(metrics_file) else {}
     expected = STALE_STEPS if kind == "stale" else ASYNC_STEPS
     training = [s for s in range(1, expected + 1) if "actor/m2po/m2_before" in steps.get(s, {})]
     if len(training) != expected:

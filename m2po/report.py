@@ -91,11 +91,9 @@ def load_run(run: str, updates_per_step: int | None = None) -> RunLog:
     if not os.path.exists(run):
         raise ReportError(f"{run}: no such file or directory")
     attempts = attempt_files(run) if os.path.isdir(run) else []
-    if attempts:  # one metrics file per attempt (m2po.utils.verl_metrics): merged, the later attempt wins
+    if attempts:  # one metrics file per attempt (m2po.utils.verl_metrics)
         path, run_dir = os.path.join(run.rstrip(os.sep), ATTEMPTS_DIR), run.rstrip(os.sep)
-        steps, notes = merge_attempts(attempts)
-        if len(attempts) > 1:
-            notes.insert(0, f"{len(attempts)} attempts (a crash or a stop, then a resume) merged")
+        files = attempts
     else:
         candidates = metrics_candidates(run)
         path = next((c for c in candidates if os.path.isfile(c)), None)
@@ -107,11 +105,11 @@ def load_run(run: str, updates_per_step: int | None = None) -> RunLog:
             )
         # earlier attempts of a resumed run, kept beside the file by the plugin (m2po.verl_integration.metrics_attempts)
         files = [*archived_attempts(path), path]
-        steps, notes = merge_attempts(files)
-        if len(files) > 1:
-            notes.insert(0, f"{len(files)} attempts (a crash or a stop, then a resume) merged")
         # the checkpoint folder: `<folder>.jsonl` beside it, or `<folder>/metrics.jsonl` inside it
         run_dir = os.path.dirname(path) if os.path.basename(path) == "metrics.jsonl" else path[: -len(".jsonl")]
+    steps, notes = merge_attempts(files)  # the later attempt wins a step logged twice
+    if len(files) > 1:
+        notes.insert(0, f"{len(files)} attempts (a crash or a stop, then a resume) merged")
     if not steps:
         raise ReportError(f"{path}: no metrics records in it (is the run still starting?)")
     name = os.path.basename(run_dir.rstrip(os.sep)) or os.path.basename(path)

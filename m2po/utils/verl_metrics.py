@@ -23,38 +23,39 @@ ATTEMPTS_DIR = "metrics"
 _ATTEMPT = re.compile(r"^attempt-(\d+)\.jsonl$")
 
 
-def attempt_files(run_dir: str) -> list[str]:
-    """The attempts' metrics files of a run, oldest first ([] when there are none)."""
-    folder = os.path.join(run_dir, ATTEMPTS_DIR)
+def _numbered(folder: str, pattern: re.Pattern) -> list[tuple[int, str]]:
+    """(number, path) of the files in `folder` whose name `pattern` matches (group 1: the number), by number."""
     if not os.path.isdir(folder):
         return []
-    numbered = [(int(m.group(1)), name) for name in os.listdir(folder) if (m := _ATTEMPT.match(name))]
-    return [os.path.join(folder, name) for _, name in sorted(numbered)]
+    return sorted((int(m.group(1)), os.path.join(folder, name)) for name in os.listdir(folder) if (m := pattern.match(name)))
+
+
+def attempt_files(run_dir: str) -> list[str]:
+    """The attempts' metrics files of a run, oldest first ([] when there are none)."""
+    return [path for _, path in _numbered(os.path.join(run_dir, ATTEMPTS_DIR), _ATTEMPT)]
 
 
 def next_attempt_file(run_dir: str) -> str:
     """Where the next attempt of a run logs: one past the highest attempt number so far."""
-    existing = attempt_files(run_dir)
-    number = 1 + max((int(_ATTEMPT.match(os.path.basename(p)).group(1)) for p in existing), default=0)
+    number = 1 + max((n for n, _ in _numbered(os.path.join(run_dir, ATTEMPTS_DIR), _ATTEMPT)), default=0)
     os.makedirs(os.path.join(run_dir, ATTEMPTS_DIR), exist_ok=True)
     return os.path.join(run_dir, ATTEMPTS_DIR, f"attempt-{number:03d}.jsonl")
 
 
+def _archives(metrics_file: str) -> list[tuple[int, str]]:
+    folder, base = os.path.split(os.path.abspath(metrics_file))
+    return _numbered(folder, re.compile(rf"^{re.escape(base.removesuffix('.jsonl'))}\.attempt-(\d+)\.jsonl$"))
+
+
 def archived_attempts(metrics_file: str) -> list[str]:
     """The earlier attempts kept beside `<name>.jsonl` as `<name>.attempt-<n>.jsonl`, oldest first."""
-    folder, base = os.path.split(os.path.abspath(metrics_file))
-    stem = base.removesuffix(".jsonl")
-    pattern = re.compile(rf"^{re.escape(stem)}\.attempt-(\d+)\.jsonl$")
-    if not os.path.isdir(folder):
-        return []
-    numbered = [(int(m.group(1)), name) for name in os.listdir(folder) if (m := pattern.match(name))]
-    return [os.path.join(folder, name) for _, name in sorted(numbered)]
+    return [path for _, path in _archives(metrics_file)]
 
 
 def next_archive_path(metrics_file: str) -> str:
     """Where the attempt now in `metrics_file` is kept when the run resumes."""
-    numbers = [int(p.rsplit(".attempt-", 1)[1].removesuffix(".jsonl")) for p in archived_attempts(metrics_file)]
-    return f"{os.path.abspath(metrics_file).removesuffix('.jsonl')}.attempt-{1 + max(numbers, default=0):03d}.jsonl"
+    number = 1 + max((n for n, _ in _archives(metrics_file)), default=0)
+    return f"{os.path.abspath(metrics_file).removesuffix('.jsonl')}.attempt-{number:03d}.jsonl"
 
 
 def superseded_path(path: str, metrics_file: str, stamp: str) -> str:
