@@ -103,6 +103,8 @@ class RLConfig:
         self.staleness(stale=True)  # k a multiple of u, a known warm-up: the buffer's own checks
         if self.lr <= 0:
             raise ValueError(f"rl.lr must be > 0, got {self.lr}")
+        if self.grad_clip is not None and not 0 < self.grad_clip < float("inf"):
+            raise ValueError(f"rl.grad_clip must be a positive number or None (no clipping), got {self.grad_clip}")
 
     def staleness(self, stale: bool) -> StalenessConfig:
         """A run's stale@k: k = `staleness_updates` for the *_stale methods, 0 on-policy; u = `mini_batches`."""

@@ -194,6 +194,21 @@ def run_verl_experiment(config: TestbedConfig, out_dir: str, testbed_out: str, w
     return path
 
 
+_NO_CLIP = "none"  # argparse's value for --grad-clip none (None already means "not given")
+
+
+def _grad_clip(text: str):
+    if text.strip().lower() == _NO_CLIP:
+        return _NO_CLIP
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number or 'none', got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number or 'none', got {text!r}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m m2po.testbed", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -212,7 +227,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--iterations", type=int, default=None)
     parser.add_argument("--staleness", type=int, default=None, help="k in model updates for the stale runs")
     parser.add_argument("--lr", type=float, default=None)
-    parser.add_argument("--grad-clip", type=float, default=None)
+    parser.add_argument("--grad-clip", type=_grad_clip, default=None, metavar="NORM|none",
+                        help="clip the gradient norm at NORM; 'none' trains without clipping")
     parser.add_argument("--eval-every", type=int, default=None)
     parser.add_argument("--eval-problems", type=int, default=None)
     parser.add_argument("--checkpoint-every", type=int, default=None)
@@ -236,6 +252,8 @@ def main(argv: list[str] | None = None) -> int:
                                      "lr": args.lr, "grad_clip": args.grad_clip, "eval_every": args.eval_every,
                                      "eval_problems": args.eval_problems,
                                      "checkpoint_every": args.checkpoint_every}.items() if v is not None}
+    if args.grad_clip == _NO_CLIP:
+        rl_changes["grad_clip"] = None
     try:
         if args.sft_steps is not None:
             config = dataclasses.replace(config, sft=dataclasses.replace(config.sft, steps=args.sft_steps))

@@ -92,8 +92,36 @@ def second_moments(log_probs, behaviour_log_probs, response_mask, answer_start: 
     }
 
 
+def gradient_carriers(log_prob_grad, log_probs, behaviour_log_probs, advantages, response_mask,
+                      large_ratio: float) -> dict[str, float]:
+    """Which tokens carry an update's gradient, by the loss's own gradient with respect to each token's
+    log-prob (`log_prob_grad`, `d loss / d log pi_theta`: `-A r / n` for a token the loss keeps, 0 for a
+    clipped or masked one). Shares of `sum |grad|` held by the trust-region tokens (`A > 0, r > 1` or
+    `A < 0, r < 1`: those PPO can clip and M2PO can mask), by the negative-advantage tokens whose ratio
+    rose (`A < 0, r > 1`: neither PPO's clip nor M2PO's mask ever acts on them) and by those of them
+    above `large_ratio`; the largest ratio and the largest single token's share.
+    `(batch, response_len)` inputs."""
+    weight = torch.where(response_mask, log_prob_grad.abs(), 0.0)
+    total = weight.sum().clamp(min=torch.finfo(weight.dtype).tiny)
+    ratio = torch.where(response_mask, (log_probs - behaviour_log_probs).exp(), 0.0)
+    trust_region = response_mask & (((advantages > 0) & (ratio > 1)) | ((advantages < 0) & (ratio < 1)))
+    negative_up = response_mask & (advantages < 0) & (ratio > 1)
+    return {
+        "testbed/grad_share_trust_region": float(weight[trust_region].sum() / total),
+        "testbed/grad_share_neg_adv_ratio_up": float(weight[negative_up].sum() / total),
+        "testbed/grad_share_neg_adv_large_ratio": float(weight[negative_up & (ratio > large_ratio)].sum() / total),
+        "testbed/max_ratio": float(ratio.max()),
+        "testbed/max_token_grad_share": float(weight.max() / total),
+    }
+
+
+# Metrics kept as the largest over an iteration's updates (the rest are averaged).
+MAX_OVER_UPDATES = ("grad_norm", "testbed/max_ratio")
+
+
 def train_on(model, optimizer, batch, config: TestbedConfig, loss_fn, actor: FSDPActorConfig) -> dict[str, float]:
-    """`mini_batches` optimizer updates on one batch; returns metrics averaged over them."""
+    """`mini_batches` optimizer updates on one batch; returns metrics averaged over them, and the
+    largest of `MAX_OVER_UPDATES` as `<key>_max`."""
     rl = config.rl
     size = len(batch["prompts"]) // rl.mini_batches
     collected: dict[str, list[float]] = {}
@@ -102,6 +130,7 @@ def train_on(model, optimizer, batch, config: TestbedConfig, loss_fn, actor: FSD
         mask = mini["response_mask"]
         actor.global_batch_info.update(dp_size=1, batch_num_tokens=int(mask.sum()), global_batch_size=size)
         log_probs = response_log_probs(model, mini["prompts"], mini["responses"])
+        log_probs.retain_grad()
         diagnostics = second_moments(log_probs.detach(), mini["old_log_probs"], mask, config.task.answer_start)
         loss, metrics = loss_fn(
             old_log_prob=mini["old_log_probs"], log_prob=log_probs, advantages=mini["advantages"],
@@ -112,10 +141,14 @@ def train_on(model, optimizer, batch, config: TestbedConfig, loss_fn, actor: FSD
         max_norm = rl.grad_clip if rl.grad_clip is not None else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
         optimizer.step()
+        diagnostics.update(gradient_carriers(log_probs.grad, log_probs.detach(), mini["old_log_probs"],
+                                             mini["advantages"], mask, large_ratio=1 + rl.clip_ratio))
         metrics = dict(metrics, **diagnostics, **{"actor/pg_loss": float(loss.detach()), "grad_norm": float(grad_norm)})
         for key, value in metrics.items():
             collected.setdefault(key, []).append(float(value))
-    return {key: float(np.mean(values)) for key, values in collected.items()}
+    averaged = {key: float(np.mean(values)) for key, values in collected.items()}
+    averaged.update({f"{key}_max": float(np.max(collected[key])) for key in MAX_OVER_UPDATES})
+    return averaged
 
 
 def _save_checkpoint(run_dir, model, optimizer, generator, buffer, iteration, updates):
