@@ -195,7 +195,7 @@ def test_the_overlay_holds_the_testbeds_default_settings():
     assert config.actor_rollout_ref.rollout.n == rl.samples_per_prompt
     assert config.data.train_batch_size // actor.ppo_mini_batch_size == rl.mini_batches
     assert (config.data.max_prompt_length, config.data.max_response_length) == (TASK.prompt_len, TASK.response_len)
-    assert actor.optim.lr == rl.lr and rl.grad_clip is None and actor.optim.clip_grad >= 1e9
+    assert actor.optim.lr == rl.lr and actor.optim.clip_grad == rl.grad_clip == 1.0
     assert actor.clip_ratio == actor.clip_ratio_low == actor.clip_ratio_high == rl.clip_ratio
     assert actor.policy_loss.m2_threshold == rl.m2_threshold
     assert config.trainer.total_training_steps == rl.iterations
@@ -215,7 +215,7 @@ def test_every_method_composes_and_passes_verls_start_up_checks(method, tmp_path
     expected_mode = "m2po_separate_async" if spec.asynchronous else "m2po_stale"
     assert trainer["v1"]["trainer_mode"] == expected_mode
     assert (resolved["data"]["seed"], resolved["actor_rollout_ref"]["rollout"]["seed"]) == (3, 1003)
-    assert actor["optim"]["clip_grad"] == 1e9 and actor["optim"]["lr"] == rl.lr
+    assert actor["optim"]["clip_grad"] == rl.grad_clip == 1.0 and actor["optim"]["lr"] == rl.lr
     if spec.asynchronous:  # pi_theta / pi_behav in the loss, 4 updates per weight sync
         assert resolved["algorithm"]["rollout_correction"]["bypass_mode"]
         assert trainer["v1"]["separate_async"]["parameter_sync_step"] == rl.mini_batches

@@ -54,7 +54,10 @@ def _claim_out_dir(config: TestbedConfig, out_dir: str) -> None:
             json.dump(config.to_json(), f, indent=1)
 
 
-def run_experiment(config: TestbedConfig, out_dir: str, workers: int, command: str, loggers: tuple[str, ...] = ()) -> str:
+def run_experiment(config: TestbedConfig, out_dir: str, workers: int, command: str, loggers: tuple[str, ...] = (),
+                   cache_dir: str | None = None) -> str:
+    """Every (method, seed) of `config` into `out_dir` (resumable), then the report; returns summary.md's
+    path. `cache_dir`: where the base policy is cached (default `<out_dir>/cache`; a sweep shares one)."""
     import torch
 
     from m2po.testbed.rl import read_metrics
@@ -68,8 +71,9 @@ def run_experiment(config: TestbedConfig, out_dir: str, workers: int, command: s
     # kept one core busy (OpenMP threads waiting on each other; measured), and one thread gives the same
     # base policy on every machine load.
     torch.set_num_threads(1)
-    print(f"[testbed] base policy (SFT warm-up, cached in {out_dir}/cache) ...", flush=True)
-    base_path = base_policy(config, os.path.join(out_dir, "cache"))
+    cache_dir = cache_dir or os.path.join(out_dir, "cache")
+    print(f"[testbed] base policy (SFT warm-up, cached in {cache_dir}) ...", flush=True)
+    base_path = base_policy(config, cache_dir)
     _, base_accuracy = load_base(base_path)
     print(f"[testbed] base policy accuracy {base_accuracy:.3f}", flush=True)
 

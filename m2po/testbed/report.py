@@ -181,6 +181,10 @@ def _finish(fig, ax, path, ylabel, title):
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
+    save_figure(fig, path)
+
+
+def save_figure(fig, path: str, dpi: int = 120) -> None:
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=dpi)
     _pyplot().close(fig)
