@@ -168,3 +168,11 @@ def test_largest_drop_and_its_windows():
     # the base policy can be the peak
     falling = drop_analysis.largest_drop(_records([0.03, 0.01]), base_accuracy=0.05)
     assert (falling["peak_iteration"], falling["peak_updates"], falling["drop"]) == (-1, 0, pytest.approx(0.04))
+
+
+def test_the_drop_plots_running_max_keeps_a_spike_and_the_mean_averages():
+    from m2po.testbed.drop_analysis import _smooth
+
+    values = [0.0, 0.0, 6.0, 0.0, 0.0, 0.0]
+    assert _smooth(values, "max", width=3).tolist() == [0.0, 6.0, 6.0, 6.0, 0.0, 0.0]
+    assert _smooth(values, "mean", width=3).tolist() == [0.0, 2.0, 2.0, 2.0, 0.0, 0.0]

@@ -83,6 +83,27 @@ def analyse_run(records: list[dict], base_accuracy: float, window: int, control:
     return result
 
 
+SPIKE_NORM = 3.0  # an iteration "spikes" when its largest gradient norm before clipping is above this
+
+
+def spike_stats(seeds: dict[int, list[dict]], threshold: float = SPIKE_NORM) -> dict[str, float]:
+    """Over every trained iteration of a method's runs: the fraction whose largest gradient norm (before
+    clipping) is above `threshold`, the largest norm, and the mean share of the gradient carried by
+    negative-advantage tokens with r > 1.2 at those iterations and at the others."""
+    trained = [r for records in seeds.values() for r in records if "grad_norm_max" in r]
+    norms = np.array([r["grad_norm_max"] for r in trained])
+    share = np.array([r["testbed/grad_share_neg_adv_large_ratio"] for r in trained])
+    spikes = norms > threshold
+
+    def mean(values):
+        return float(values.mean()) if len(values) else float("nan")
+
+    return {"spike_fraction": mean(spikes.astype(float)), "spikes": int(spikes.sum()), "iterations": len(trained),
+            "largest_norm": float(norms.max()) if len(norms) else float("nan"),
+            "neg_adv_large_ratio_share_at_spikes": mean(share[spikes]),
+            "neg_adv_large_ratio_share_otherwise": mean(share[~spikes])}
+
+
 def _fmt(value: float) -> str:
     if np.isnan(value):
         return "-"
@@ -99,8 +120,9 @@ def analyse(out_dir: str, methods=DEFAULT_METHODS, control: str | None = DEFAULT
         raise ValueError(f"{out_dir} has no runs of {unknown}; it has {sorted(runs)}")
     results = {m: {seed: analyse_run(records, base_accuracy, window, runs[control][seed] if control else None)
                    for seed, records in runs[m].items()} for m in methods}
+    spikes = {m: spike_stats(seeds) for m, seeds in runs.items()}
     with open(os.path.join(out_dir, "drops.json"), "w") as f:
-        json.dump({"window": window, "control": control, "runs": results}, f, indent=1)
+        json.dump({"window": window, "control": control, "runs": results, "spikes": spikes}, f, indent=1)
     rl = config["rl"]
     lines = [f"# Largest accuracy drops in {out_dir}", "",
              f"lr {rl['lr']}, grad clip {rl['grad_clip']}, s = {rl['staleness_updates']} updates, "
@@ -108,6 +130,14 @@ def analyse(out_dir: str, methods=DEFAULT_METHODS, control: str | None = DEFAULT
              f"the running peak; diagnostics averaged (largest: max) over the trained iterations in the {window} "
              "iterations up to the peak evaluation (`before`) and from the peak to the trough (`drop`)"
              + (f"; `{control}` = the {LABELS[control]} run with the same seed, same windows." if control else "."), ""]
+    lines += [f"## Gradient-norm spikes (largest norm of an iteration, before clipping, above {SPIKE_NORM:g})", "",
+              "| method | iterations with a spike | largest norm | gradient share of A < 0, r > 1.2 tokens: at spikes / "
+              "otherwise |", "|---|---|---|---|"]
+    for method, st in spikes.items():
+        lines.append(f"| {LABELS[method]} | {st['spike_fraction']:.1%} ({st['spikes']} of {st['iterations']}) | "
+                     f"{_fmt(st['largest_norm'])} | {_fmt(st['neg_adv_large_ratio_share_at_spikes'])} / "
+                     f"{_fmt(st['neg_adv_large_ratio_share_otherwise'])} |")
+    lines.append("")
     for method, seeds in results.items():
         for seed, r in seeds.items():
             lines += [f"## {LABELS[method]}, seed {seed}: {r['peak_accuracy']:.3f} at {r['peak_updates']} updates -> "
@@ -127,19 +157,25 @@ def analyse(out_dir: str, methods=DEFAULT_METHODS, control: str | None = DEFAULT
     return results
 
 
+# (keys: solid, dashed), y label, log scale, smoothing over 5 iterations ("mean" or "max": spikes stay visible)
 PANELS = (
-    (("rollout_reward", "trained_reward"), "reward: current rollouts / stale batch", False),
-    (("grad_norm_max",), "largest gradient norm (before clipping)", True),
-    (("testbed/grad_share_neg_adv_ratio_up", "testbed/grad_share_trust_region"), "gradient share", False),
-    (("actor/m2po/m2_before", "testbed/m2_all"), "M2 (trust region / all tokens)", True),
+    (("rollout_reward", "trained_reward"), "reward: current rollouts / stale batch", False, "mean"),
+    (("grad_norm_max",), "largest gradient norm (before clipping)", True, "max"),
+    (("testbed/grad_share_neg_adv_large_ratio", "testbed/max_token_grad_share"),
+     "gradient share: A<0, r>1.2 / largest token", True, "max"),
+    (("actor/m2po/m2_before", "testbed/m2_all"), "M2: trust region / all tokens", True, "mean"),
 )
 
 
-def _smooth(values, width=5):
+def _smooth(values, how: str, width: int = 5):
+    """Centred running mean or max over `width` iterations (NaN-free input)."""
     values = np.asarray(values, dtype=float)
     if len(values) < width:
         return values
-    return np.convolve(values, np.ones(width) / width, mode="same")
+    if how == "mean":
+        return np.convolve(values, np.ones(width) / width, mode="same")
+    padded = np.pad(values, width // 2, mode="edge")
+    return np.lib.stride_tricks.sliding_window_view(padded, width).max(axis=1)
 
 
 def _plot(path, runs, base_accuracy, results, control):
@@ -147,7 +183,7 @@ def _plot(path, runs, base_accuracy, results, control):
 
     plt = _pyplot()
     columns = [(m, s) for m, seeds in results.items() for s in seeds]
-    fig, axes = plt.subplots(1 + len(PANELS), len(columns), figsize=(3.6 * len(columns), 2.1 * (1 + len(PANELS))),
+    fig, axes = plt.subplots(1 + len(PANELS), len(columns), figsize=(3.4 * len(columns), 1.9 * (1 + len(PANELS))),
                              sharex=True, squeeze=False)
     for col, (method, seed) in enumerate(columns):
         shown = [method] + ([control] if control else [])
@@ -160,14 +196,15 @@ def _plot(path, runs, base_accuracy, results, control):
             axes[0][col].plot(np.concatenate([[0], updates]), np.concatenate([[base_accuracy], accuracy]),
                               color=COLOURS[m], label=LABELS[m])
         axes[0][col].set_title(f"{LABELS[method]}, seed {seed}", fontsize=9)
-        for row, (keys, title, log_scale) in enumerate(PANELS, start=1):
+        for row, (keys, title, log_scale, how) in enumerate(PANELS, start=1):
             ax = axes[row][col]
             for m in shown:
                 trained = [x for x in runs[m][seed] if "trained_hash" in x]
                 for key, style in zip(keys, ("-", "--")):
                     values = [x.get(key, np.nan) for x in trained]
                     if not np.all(np.isnan(values)):
-                        ax.plot([x["updates"] for x in trained], _smooth(values), style, color=COLOURS[m], linewidth=1)
+                        ax.plot([x["updates"] for x in trained], _smooth(values, how), style, color=COLOURS[m],
+                                linewidth=1)
             if log_scale:
                 ax.set_yscale("log")
             if col == 0:
@@ -175,9 +212,10 @@ def _plot(path, runs, base_accuracy, results, control):
         axes[-1][col].set_xlabel("model updates")
     axes[0][0].set_ylabel("held-out accuracy", fontsize=7)
     axes[0][0].legend(fontsize=6)
-    fig.suptitle("Around each run's largest drop (shaded); solid / dashed = first / second key of the panel",
+    fig.suptitle("Around each run's largest drop (shaded); solid / dashed = first / second series of a panel; "
+                 "running mean (max for norms and shares) over 5 iterations",
                  fontsize=9)
-    save_figure(fig, path, dpi=100)
+    save_figure(fig, path, dpi=72)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,9 +1,9 @@
 """The embedded main job: base policy, then every (method, seed) run in parallel, then the report.
 
-    python -m m2po.testbed                 # default experiment: copy_add task, 4 methods x 3 seeds (~8 min on 2 cores)
+    python -m m2po.testbed                 # default experiment: copy_add task, 4 methods x 3 seeds (~12 min on 2 cores)
     python -m m2po.testbed --task addition # the answer-only addition task (~11 min)
     python -m m2po.testbed --quick         # CI smoke preset (about 1 min)
-    python -m m2po.testbed --engine verl   # the same experiment through verl's main_ppo on CPU (~93 min), with
+    python -m m2po.testbed --engine verl   # the same experiment through verl's main_ppo on CPU (~2.5 h), with
                                            # verl's asynchronous trainer too, cross-checked (docs/testbed-verl.md)
 
 Re-running the same command resumes: finished runs are kept, interrupted ones continue from their
