@@ -98,7 +98,8 @@ def gradient_carriers(log_prob_grad, log_probs, behaviour_log_probs, advantages,
     log-prob (`log_prob_grad`, `d loss / d log pi_theta`: `-A r / n` for a token the loss keeps, 0 for a
     clipped or masked one). Shares of `sum |grad|` held by the trust-region tokens (`A > 0, r > 1` or
     `A < 0, r < 1`: those PPO can clip and M2PO can mask), by the negative-advantage tokens whose ratio
-    rose (`A < 0, r > 1`: neither PPO's clip nor M2PO's mask ever acts on them) and by those of them
+    rose (`A < 0, r > 1`: PPO's ratio clip and M2PO's mask never act on them; verl's `vanilla` dual clip
+    does above `clip_ratio_c` = 3) and by those of them
     above `large_ratio`; the largest ratio and the largest single token's share.
     `(batch, response_len)` inputs."""
     weight = torch.where(response_mask, log_prob_grad.abs(), 0.0)
