@@ -26,6 +26,7 @@ from m2po.algorithm.masking import (
     second_moment_keep_mask,
     trust_region_mask,
 )
+from m2po.algorithm.minibatch_mask import minibatch_clip_bound, minibatch_keep_masks
 
 __all__ = [
     "DECOUPLED_DENOMINATORS",
@@ -40,6 +41,8 @@ __all__ = [
     "decoupled_m2po_loss",
     "decoupled_m2po_token_losses",
     "gppo_token_losses",
+    "minibatch_clip_bound",
+    "minibatch_keep_masks",
     "m2po_loss",
     "m2po_token_losses",
     "no_trust_region_loss",

@@ -120,9 +120,11 @@ def gradient_carriers(log_prob_grad, log_probs, behaviour_log_probs, advantages,
 MAX_OVER_UPDATES = ("grad_norm", "testbed/max_ratio")
 
 
-def train_on(model, optimizer, batch, config: TestbedConfig, loss_fn, actor: FSDPActorConfig) -> dict[str, float]:
+def train_on(model, optimizer, batch, config: TestbedConfig, loss_fn, actor: FSDPActorConfig,
+             observer=None) -> dict[str, float]:
     """`mini_batches` optimizer updates on one batch; returns metrics averaged over them, and the
-    largest of `MAX_OVER_UPDATES` as `<key>_max`."""
+    largest of `MAX_OVER_UPDATES` as `<key>_max`. `observer(mini_batch, log_probs)`, when given, sees
+    each mini-batch and its log-probs at the weights it is trained at, before its update."""
     rl = config.rl
     size = len(batch["prompts"]) // rl.mini_batches
     collected: dict[str, list[float]] = {}
@@ -132,6 +134,8 @@ def train_on(model, optimizer, batch, config: TestbedConfig, loss_fn, actor: FSD
         actor.global_batch_info.update(dp_size=1, batch_num_tokens=int(mask.sum()), global_batch_size=size)
         log_probs = response_log_probs(model, mini["prompts"], mini["responses"])
         log_probs.retain_grad()
+        if observer is not None:
+            observer(mini, log_probs.detach())
         diagnostics = second_moments(log_probs.detach(), mini["old_log_probs"], mask, config.task.answer_start)
         loss, metrics = loss_fn(
             old_log_prob=mini["old_log_probs"], log_prob=log_probs, advantages=mini["advantages"],
