@@ -92,7 +92,7 @@ def run_main_ppo(
 ) -> Run:
     """Run verl's main_ppo on CPU in `workdir`; outputs under `<workdir>/<name>`.
 
-    `kill_when(output_dir)`: polled every second; when it returns True the whole process group is
+    `kill_when(output_dir)`: polled every 0.2 s; when it returns True the whole process group is
     SIGKILLed (a crash: no cleanup, no final save). `shared_metrics_file`: every attempt logs where
     verl's file logger logs by default, `<workdir>/<name>.jsonl` beside the run's folder, as the paper
     scripts do (otherwise each attempt logs to its own `<name>/metrics-<n>.jsonl`).
@@ -127,7 +127,9 @@ def run_main_ppo(
             start_new_session=True,
         )
         try:
-            supervise(process, timeout_s, kill_when=None if kill_when is None else lambda: kill_when(output_dir))
+            # a crash test's kill should land close to its condition: poll it often
+            supervise(process, timeout_s, kill_when=None if kill_when is None else lambda: kill_when(output_dir),
+                      poll_s=1.0 if kill_when is None else 0.2)
         except TimeoutError:
             raise TimeoutError(f"main_ppo {name} ran past {timeout_s} s; log: {log_path}") from None
     with open(log_path, errors="replace") as f:
