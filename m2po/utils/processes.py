@@ -14,8 +14,10 @@ import time
 
 
 def session_members(session_id: int) -> list[tuple[int, str]]:
-    """(pid, command line) of every process in the session, this one left out."""
-    out = subprocess.run(["ps", "-eo", "pid=,sid=,args="], capture_output=True, text=True, check=True).stdout
+    """(pid, command line) of every process in the session, this one left out. The whole command line:
+    without `-ww`, ps cuts it at the width it finds for its output (80 columns under pytest), which hid
+    the word "ray" at the end of a long one."""
+    out = subprocess.run(["ps", "-ww", "-eo", "pid=,sid=,args="], capture_output=True, text=True, check=True).stdout
     members = []
     for line in out.splitlines():
         parts = line.split(None, 2)
