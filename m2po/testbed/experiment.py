@@ -60,8 +60,8 @@ def run_experiment(config: TestbedConfig, out_dir: str, workers: int, command: s
     path. `cache_dir`: where the base policy is cached (default `<out_dir>/cache`; a sweep shares one)."""
     import torch
 
-    from m2po.testbed.rl import read_metrics
     from m2po.testbed.report import write_report
+    from m2po.testbed.rl import read_runs
     from m2po.testbed.sft import base_policy, load_base
 
     started = time.time()
@@ -90,8 +90,7 @@ def run_experiment(config: TestbedConfig, out_dir: str, workers: int, command: s
         for summary in tqdm(pool.imap_unordered(_run_worker, jobs), total=len(jobs), desc="runs", disable=None):
             tqdm.write(f"[testbed] done: {summary['method']} seed {summary['seed']}")
 
-    runs = {method: {seed: read_metrics(os.path.join(out_dir, "runs", f"{method}-seed{seed}")) for seed in config.seeds}
-            for method in config.methods}
+    runs = read_runs(out_dir, {method: config.seeds for method in config.methods})
     elapsed = time.time() - started
     summary_path = os.path.join(out_dir, "summary.json")
     if already_done == len(jobs) and os.path.exists(summary_path):
@@ -105,7 +104,7 @@ def run_experiment(config: TestbedConfig, out_dir: str, workers: int, command: s
 def _testbed_results(config: TestbedConfig, testbed_out: str):
     """(summary.json, method -> seed -> records) of the testbed's own runs in `testbed_out` when they
     ran the same experiment as `config`, else (None, None)."""
-    from m2po.testbed.rl import read_metrics
+    from m2po.testbed.rl import read_runs
 
     try:
         with open(os.path.join(testbed_out, "summary.json")) as f:
@@ -116,9 +115,7 @@ def _testbed_results(config: TestbedConfig, testbed_out: str):
     if theirs != json.loads(json.dumps(config.experiment_json())):
         print(f"[testbed] {testbed_out} ran a different experiment: no cross-check", flush=True)
         return None, None
-    runs = {method: {int(seed): read_metrics(os.path.join(testbed_out, "runs", f"{method}-seed{seed}"))
-                     for seed in seeds} for method, seeds in summary["runs"].items()}
-    return summary, runs
+    return summary, read_runs(testbed_out, summary["runs"])
 
 
 def run_verl_experiment(config: TestbedConfig, out_dir: str, testbed_out: str, workers: int, command: str,

@@ -278,3 +278,9 @@ def run(config: TestbedConfig, method: str, seed: int, base_path: str, run_dir: 
 def read_metrics(run_dir: str) -> list[dict]:
     with open(os.path.join(run_dir, METRICS)) as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+def read_runs(out_dir: str, seeds_by_method: dict) -> dict[str, dict[int, list[dict]]]:
+    """method -> seed -> records of the runs in `<out_dir>/runs/<method>-seed<k>`."""
+    return {method: {int(seed): read_metrics(os.path.join(out_dir, "runs", f"{method}-seed{seed}")) for seed in seeds}
+            for method, seeds in seeds_by_method.items()}

@@ -126,15 +126,14 @@ def rank_key(verdict: dict, iterations: int) -> tuple:
 
 def load_runs(out_dir: str) -> tuple[dict, float, dict]:
     """(method -> seed -> records, base accuracy, config json) of a finished testbed results folder."""
-    from m2po.testbed.rl import read_metrics
+    from m2po.testbed.rl import read_runs
 
     if not os.path.exists(os.path.join(out_dir, "summary.json")):
         raise ValueError(f"{out_dir} has no summary.json (run the experiment there first)")
     with open(os.path.join(out_dir, "summary.json")) as f:
         summary = json.load(f)
     config = summary["config"]
-    runs = {m: {int(s): read_metrics(os.path.join(out_dir, "runs", f"{m}-seed{s}")) for s in config["seeds"]}
-            for m in config["methods"]}
+    runs = read_runs(out_dir, {method: config["seeds"] for method in config["methods"]})
     return runs, summary["base_accuracy"], config
 
 
