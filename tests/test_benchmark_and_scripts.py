@@ -71,3 +71,20 @@ def test_stale_buffer_benchmark_reports_every_phase(tmp_path):
     assert all(s["save_written_bytes"] == 0 and s["save_linked_entries"] == 4 for s in steps[1:])
     assert report["resume"]["entries"] == 4
     assert not os.path.exists(tmp_path / "run")  # the benchmark cleans up after itself
+
+
+def test_minibatch_scope_benchmark_times_both_scopes_through_verls_engine(tmp_path):
+    out = tmp_path / "scope.json"
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "benchmarks", "bench_minibatch_scope.py"), "--repeats", "1", "--sequences",
+         "4", "--micro-batch", "2", "--layers", "1", "--hidden", "64", "--response-len", "32", "--out", str(out)],
+        capture_output=True, text=True, env={**ENV, "VERL_PLATFORM": "cpu"}, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "| gradient checkpointing | forward (no grad) |" in proc.stdout
+    report = json.loads(out.read_text())
+    assert [r["gradient_checkpointing"] for r in report["rows"]] == [False, True]
+    for row in report["rows"]:
+        s = row["seconds"]
+        assert row["extra_s"] == s["train mini_batch"] - s["train micro_batch"]
+        assert row["forward_share_of_training_pass"] == s["forward"] / s["train micro_batch"]

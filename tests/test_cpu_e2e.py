@@ -71,6 +71,8 @@ def test_m2po_on_policy_through_verl_with_two_fsdp_workers(tmp_path, tiny_cache,
         # produced by our loss inside verl's FSDP workers
         for key in ("m2_before", "m2_after", "masked_fraction", "trust_region_fraction", "ratio_mean"):
             assert f"actor/m2po/{key}" in metrics, (step, key)
+        # the cut was decided over the whole mini-batch, both workers together (m2_scope=mini_batch)
+        assert 0 <= metrics["actor/m2po/cut_m2_after"] <= 0.04
         assert math.isfinite(metrics["actor/pg_loss"])
         assert metrics["actor/grad_norm"] > 0
         assert metrics["stale/staleness_updates"] == 0

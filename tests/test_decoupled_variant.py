@@ -186,7 +186,7 @@ def test_through_verls_rollout_correction_and_ppo_loss(seed):
     proximal and behaviour log-probs, verl's ppo_loss calls our loss; the result equals brute force
     on the three policies (loss, gradient), normalised by the mini-batch's tokens."""
     policies = _three_policies(seed, staleness=0.5)
-    config = actor_config(loss_mode="m2po", clip_ratio=0.2, m2_threshold=0.04, m2po_variant="decoupled")
+    config = actor_config(loss_mode="m2po", clip_ratio=0.2, m2_threshold=0.04, m2po_variant="decoupled", m2_scope="micro_batch")
     metrics = _verl_matches_reference(policies, config, extra_tokens=10, tau=0.04, cap=None)
     assert metrics["actor/m2po/masked_fraction"].aggregate() > 0
     clipfrac = metrics["actor/pg_clipfrac"].aggregate()
@@ -197,7 +197,7 @@ def test_through_verls_rollout_correction_and_ppo_loss(seed):
 
 def test_verl_wrapper_refuses_missing_or_zeroed_weights():
     current, proximal, behaviour, advantages, mask = _three_policies(1)
-    config = actor_config(loss_mode="m2po", m2po_variant="decoupled")
+    config = actor_config(loss_mode="m2po", m2po_variant="decoupled", m2_scope="micro_batch")
     model_output, data, _ = micro_batch(current, proximal, advantages, mask, [2] * 4, batch_num_tokens=40,
                                         global_batch_size=4)
     with pytest.raises(ValueError, match=r"rollout_is=token, .*rollout_is_threshold=5e\+08 and bypass_mode=false"):
@@ -274,7 +274,7 @@ def test_the_kept_denominator_through_verls_ppo_loss_and_its_refusals():
     prompts, tokens = [2] * current.shape[0], int(mask.sum())
     losses = {}
     for denominator in ("valid", "kept"):
-        config = actor_config(loss_mode="m2po", m2po_variant="decoupled", decoupled_denominator=denominator)
+        config = actor_config(loss_mode="m2po", m2po_variant="decoupled", decoupled_denominator=denominator, m2_scope="micro_batch")
         model_output, data, _ = micro_batch(current, proximal, advantages, mask, prompts, batch_num_tokens=tokens,
                                             global_batch_size=4, rollout_is_weights=_verl_weights(proximal, behaviour, mask))
         losses[denominator], metrics = ppo_loss(config, model_output, data)

@@ -176,3 +176,75 @@ def test_the_drop_plots_running_max_keeps_a_spike_and_the_mean_averages():
     values = [0.0, 0.0, 6.0, 0.0, 0.0, 0.0]
     assert _smooth(values, "max", width=3).tolist() == [0.0, 6.0, 6.0, 6.0, 0.0, 0.0]
     assert _smooth(values, "mean", width=3).tolist() == [0.0, 2.0, 2.0, 2.0, 0.0, 0.0]
+
+
+# ------------------------------------------------------------ the mask scope in the testbed (--m2-micro-batch)
+
+
+def _testbed_mini_batch(seed=0, rows=8, width=6):
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "old_log_probs": torch.full((rows, width), -1.0),
+        "advantages": torch.randn(rows, 1, generator=g).expand(rows, width).clone(),
+        "response_mask": torch.rand(rows, width, generator=g) < 0.8,
+    }, -1.0 + 0.4 * torch.randn(rows, width, generator=g)
+
+
+@pytest.mark.parametrize("tau", [math.inf, 0.04])
+def test_per_micro_batch_loss_calls_differ_from_one_call_only_by_the_cut(tau):
+    """rl.m2_micro_batch = k calls the loss per k sequences, normalised by the mini-batch's tokens: without a
+    mask (tau = inf) the loss and gradient are those of one call; with tau = 0.04 only the cut differs."""
+    from verl.trainer.ppo.core_algos import get_policy_loss_fn
+
+    from m2po.testbed.rl import _mini_batch_loss
+    from m2po.verl_integration.config import actor_config
+
+    mini, values = _testbed_mini_batch()
+    mini["advantages"][0] = 5.0  # one sequence far above the rest: per sequence, its cut is another one
+    results = {}
+    for k, scope in ((8, "mini_batch"), (2, "micro_batch")):
+        actor = actor_config(m2_threshold=tau, m2_scope=scope)
+        actor.global_batch_info.update(dp_size=1, batch_num_tokens=int(mini["response_mask"].sum()), global_batch_size=8)
+        log_probs = values.clone().requires_grad_(True)
+        loss, metrics = _mini_batch_loss(get_policy_loss_fn("m2po"), actor, mini, log_probs, k)
+        loss.backward()
+        results[k] = (loss.detach(), log_probs.grad, metrics["actor/m2po/masked_fraction"])
+    if math.isinf(tau):
+        torch.testing.assert_close(results[2][0], results[8][0])
+        torch.testing.assert_close(results[2][1], results[8][1])
+    else:
+        assert results[8][2] > 0 and not torch.allclose(results[2][1], results[8][1])
+
+
+def test_m2_micro_batch_must_divide_the_mini_batch():
+    assert RLConfig(m2_micro_batch=4).m2_micro_batch == 4
+    for bad in (0, 3, 64):
+        with pytest.raises(ValueError, match=r"rl.m2_micro_batch must divide the mini-batch of 32 sequences"):
+            RLConfig(m2_micro_batch=bad)
+
+
+def _summary(tmp_path, name, aucs, finals, lr=5e-5):
+    import json
+
+    folder = tmp_path / name
+    folder.mkdir()
+    runs = {"m2po_stale": {str(seed): {"auc": a, "final": f} for seed, (a, f) in enumerate(zip(aucs, finals))}}
+    rl = {"iterations": 300, "eval_every": 10, "eval_problems": 512, "lr": lr}
+    (folder / "summary.json").write_text(json.dumps({"runs": runs, "config": {"rl": rl}}))
+    return str(folder)
+
+
+def test_compare_applies_the_cross_checks_tolerance(tmp_path):
+    from m2po.testbed.compare import compare, main
+
+    reference = _summary(tmp_path, "reference", [0.24, 0.25, 0.245], [0.30, 0.31, 0.305])
+    close = _summary(tmp_path, "close", [0.246, 0.244, 0.245], [0.31, 0.30, 0.32])
+    far = _summary(tmp_path, "far", [0.20, 0.21, 0.205], [0.30, 0.31, 0.305])
+    row = compare(reference, close)["m2po_stale"]["auc"]
+    # 2 x sd (0.005) + 2 x sqrt(p(1-p)/512)/sqrt(30) at p = 0.245
+    assert row["tolerance"] == pytest.approx(2 * 0.005 + 2 * math.sqrt(0.245 * 0.755 / 512) / math.sqrt(30))
+    assert row["within"] and compare(reference, close)["m2po_stale"]["final"]["within"]
+    assert not compare(reference, far)["m2po_stale"]["auc"]["within"]
+    assert main([reference, far]) == 0 and (tmp_path / "far" / "compare.json").exists()
+    with pytest.raises(SystemExit, match="differ in more RL settings"):
+        compare(reference, _summary(tmp_path, "other-lr", [0.2] * 3, [0.3] * 3, lr=1e-4))

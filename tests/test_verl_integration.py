@@ -75,7 +75,7 @@ def test_ppo_loss_calls_m2po_with_the_global_token_normalisation(variant):
     the whole mini-batch, gradients included, metrics under actor/m2po/."""
     micro = [_data(seed) for seed in (1, 2)]
     total_tokens = sum(int(m[3].sum()) for m in micro)
-    config = actor_config(m2_threshold=0.04, m2po_variant=variant)
+    config = actor_config(m2_threshold=0.04, m2po_variant=variant, m2_scope="micro_batch")
     for log_probs, old, advantages, mask, prompts in micro:
         model_output, data, flat = micro_batch(
             log_probs, old, advantages, mask, prompts, batch_num_tokens=total_tokens, global_batch_size=8
@@ -103,7 +103,7 @@ def test_no_trust_region_normalises_exactly_like_vanilla(mode, dp_size):
     kwargs = dict(batch_num_tokens=int(mask.sum()) * 3, global_batch_size=11, dp_size=dp_size)
     results = {}
     for loss_mode in ("vanilla", "no_trust_region", "m2po"):
-        config = actor_config(loss_mode=loss_mode, loss_agg_mode=mode, clip_ratio=1e6, m2_threshold=float("inf"))
+        config = actor_config(loss_mode=loss_mode, loss_agg_mode=mode, clip_ratio=1e6, m2_threshold=float("inf"), m2_scope="micro_batch")
         model_output, data, flat = micro_batch(log_probs, old, advantages, mask, prompts, **kwargs)
         loss, _ = ppo_loss(config, model_output, data)
         loss.backward()
@@ -116,7 +116,7 @@ def test_no_trust_region_normalises_exactly_like_vanilla(mode, dp_size):
 def test_ppo_loss_passes_rollout_is_weights_through():
     log_probs, old, advantages, mask, prompts = _data(4)
     weights = torch.rand(mask.shape, generator=torch.Generator().manual_seed(0)) + 0.5
-    config = actor_config(m2_threshold=0.04)
+    config = actor_config(m2_threshold=0.04, m2_scope="micro_batch")
     n = int(mask.sum())
     mo_w, data_w, _ = micro_batch(
         log_probs, old, advantages, mask, prompts, batch_num_tokens=n, global_batch_size=4, rollout_is_weights=weights

@@ -43,6 +43,8 @@ __all__ = [
     "TokenLosses",
     "aggregate_token_losses",
     "check_variant",
+    "cut_inputs",
+    "decoupled_cut_inputs",
     "decoupled_m2po_loss",
     "decoupled_m2po_token_losses",
     "m2po_loss",
@@ -157,16 +159,50 @@ def _check_finite(raw_log_ratio: torch.Tensor, named: dict[str, torch.Tensor], r
         )
 
 
+def cut_inputs(
+    log_probs: torch.Tensor, behaviour_log_probs: torch.Tensor, advantages: torch.Tensor, response_mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """What the cut of the "mask" and "clip" variants is taken over: `(log_ratio, trust_region)`.
+
+    `log_ratio` is `log pi_theta - log pi_behav`, 0 on padding and clamped to `LOG_RATIO_LIMIT` (as the
+    loss uses it); `trust_region` the candidates (`trust_region_mask`). All `(batch, response_len)`.
+    The loss computes them this way, and so does a cut decided over a whole mini-batch beforehand
+    (`m2po.algorithm.minibatch_mask`), so both see the same numbers.
+    """
+    raw_log_ratio = log_probs - behaviour_log_probs
+    log_ratio = torch.where(response_mask, raw_log_ratio, 0.0).clamp(-LOG_RATIO_LIMIT, LOG_RATIO_LIMIT)
+    return log_ratio, trust_region_mask(log_ratio, advantages, response_mask)
+
+
+def decoupled_cut_inputs(proximal_behaviour_log_ratio: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
+    """What the decoupled variant's mask is taken over: `log pi_prox - log pi_behav`, 0 on padding and
+    clamped; `(batch, response_len)`. Its candidates are every valid token (`response_mask`)."""
+    staleness_log_ratio = torch.where(response_mask, proximal_behaviour_log_ratio.detach(), 0.0)
+    return staleness_log_ratio.clamp(-LOG_RATIO_LIMIT, LOG_RATIO_LIMIT)
+
+
+def _check_cut(name: str, value, response_mask: torch.Tensor, dtype=torch.bool) -> None:
+    """A cut decided elsewhere must fit this call: a bool mask of the same shape, or a 0-dim cap."""
+    if value is None:
+        return
+    if dtype == torch.bool:
+        if value.dtype != torch.bool or value.shape != response_mask.shape:
+            raise ValueError(
+                f"{name} must be a bool tensor shaped like response_mask {tuple(response_mask.shape)}, "
+                f"got {value.dtype} {tuple(value.shape)}"
+            )
+    elif value.dim() != 0:
+        raise ValueError(f"{name} must be a 0-dim tensor (one cap for the whole batch), got shape {tuple(value.shape)}")
+
+
 def _prepare(log_probs, behaviour_log_probs, advantages, response_mask, importance_weights, check_finite):
     """Validated `(ratio, log_ratio, second_moment, trust_region)`; `log_ratio` is clamped and
     0 on padding, so `second_moment` is too."""
     named = _named_inputs(log_probs, behaviour_log_probs, advantages, importance_weights)
     _check_structure(named, response_mask)
-    raw_log_ratio = log_probs - behaviour_log_probs
     if check_finite:
-        _check_finite(raw_log_ratio, named, response_mask)
-    log_ratio = torch.where(response_mask, raw_log_ratio, 0.0).clamp(-LOG_RATIO_LIMIT, LOG_RATIO_LIMIT)
-    trust_region = trust_region_mask(log_ratio, advantages, response_mask)
+        _check_finite(log_probs - behaviour_log_probs, named, response_mask)
+    log_ratio, trust_region = cut_inputs(log_probs, behaviour_log_probs, advantages, response_mask)
     return log_ratio.exp(), log_ratio, log_ratio.detach().square(), trust_region
 
 
@@ -232,6 +268,8 @@ def m2po_token_losses(
     variant: str = "mask",
     importance_weights: torch.Tensor | None = None,
     check_finite: bool = True,
+    keep_mask: torch.Tensor | None = None,
+    log_ratio_cap: torch.Tensor | None = None,
 ) -> TokenLosses:
     """Per-token M2PO loss `-M * r * A` (variant "mask") or the authors' clipped form ("clip").
 
@@ -246,6 +284,11 @@ def m2po_token_losses(
         importance_weights: optional `(batch, response_len)` per-token weights multiplied into the
             loss (verl's rollout-correction `rollout_is_weights`).
         check_finite: reject NaN/inf on valid tokens (one host sync).
+        keep_mask: variant "mask": the cut decided over a larger batch this one is part of (a whole
+            mini-batch, `m2po.algorithm.minibatch_keep_masks` over `cut_inputs`), `(batch, response_len)`
+            bool; None: Algorithm 1 over this call's tokens.
+        log_ratio_cap: variant "clip": likewise, the 0-dim cap (`minibatch_clip_bound`); None: solved
+            over this call's tokens.
 
     Returns:
         TokenLosses; stats also hold `log_ratio_cap` for the "clip" variant (`LOG_RATIO_LIMIT`
@@ -257,15 +300,24 @@ def m2po_token_losses(
         raise ValueError(
             "m2po_variant='decoupled' needs the proximal policy's log-probs as well: use decoupled_m2po_token_losses"
         )
+    if (keep_mask is not None and variant != "mask") or (log_ratio_cap is not None and variant != "clip"):
+        raise ValueError(f"variant {variant!r} takes {'log_ratio_cap' if variant == 'clip' else 'keep_mask'}, not the other")
+    _check_cut("keep_mask", keep_mask, response_mask)
+    _check_cut("log_ratio_cap", log_ratio_cap, response_mask, dtype=None)
     ratio, log_ratio, second_moment, trust_region = _prepare(
         log_probs, behaviour_log_probs, advantages, response_mask, importance_weights, check_finite
     )
     if variant == "mask":
-        keep_mask = second_moment_keep_mask(log_ratio, trust_region, tau)
+        if keep_mask is None:
+            keep_mask = second_moment_keep_mask(log_ratio, trust_region, tau)
+        else:  # decided over a whole batch: padding and tokens outside the trust region are always kept
+            keep_mask = keep_mask | ~trust_region
         stats = _stats(ratio, log_ratio, second_moment, response_mask, trust_region, keep_mask)
         token_losses = _finish(-advantages * ratio, keep_mask & response_mask, importance_weights)
         return TokenLosses(token_losses=token_losses, keep_mask=keep_mask, stats=stats)
-    cap = second_moment_clip_bound(log_ratio, trust_region, tau).to(log_ratio.dtype)
+    if log_ratio_cap is None:
+        log_ratio_cap = second_moment_clip_bound(log_ratio, trust_region, tau)
+    cap = log_ratio_cap.to(device=log_ratio.device, dtype=log_ratio.dtype)
     # PPO's pessimistic clip with bounds [exp(-cap), exp(cap)] binds exactly on trust-region
     # tokens with |log r| > cap: there the loss is the constant -A * exp(+-cap), as in the
     # released code, with no gradient.
@@ -324,6 +376,7 @@ def decoupled_m2po_token_losses(
     check_finite: bool = True,
     behaviour_weight_cap: float | None = None,
     denominator: str = "valid",
+    m2_keep_mask: torch.Tensor | None = None,
 ) -> TokenLosses:
     """AReaL's decoupled M2PO: mask on the staleness ratio, then decoupled PPO against the proximal policy.
 
@@ -362,6 +415,9 @@ def decoupled_m2po_token_losses(
         check_finite: reject NaN/inf on valid tokens (one host sync).
         behaviour_weight_cap: drop tokens whose `w` exceeds it (> 0), or None for no cap.
         denominator: "valid" (the paper's) or "kept" (AReaL's), see above.
+        m2_keep_mask: the M2 mask decided over a larger batch this one is part of (a whole mini-batch,
+            `m2po.algorithm.minibatch_keep_masks` over `decoupled_cut_inputs`), `(batch, response_len)`
+            bool; None: over this call's tokens.
 
     Returns:
         TokenLosses; `keep_mask` is False on masked, capped and clipped tokens (no gradient); stats as
@@ -384,10 +440,13 @@ def decoupled_m2po_token_losses(
     raw_log_ratio = log_probs - proximal_log_probs
     if check_finite:
         _check_finite(raw_log_ratio, named, response_mask)
-    staleness_log_ratio = torch.where(response_mask, proximal_behaviour_log_ratio.detach(), 0.0)
-    staleness_log_ratio = staleness_log_ratio.clamp(-LOG_RATIO_LIMIT, LOG_RATIO_LIMIT)
+    _check_cut("m2_keep_mask", m2_keep_mask, response_mask)
+    staleness_log_ratio = decoupled_cut_inputs(proximal_behaviour_log_ratio, response_mask)
     second_moment = staleness_log_ratio.square()
-    m2_keep = second_moment_keep_mask(staleness_log_ratio, response_mask, tau)
+    if m2_keep_mask is None:
+        m2_keep = second_moment_keep_mask(staleness_log_ratio, response_mask, tau)
+    else:
+        m2_keep = m2_keep_mask | ~response_mask
 
     log_ratio = torch.where(response_mask, raw_log_ratio, 0.0).clamp(-LOG_RATIO_LIMIT, LOG_RATIO_LIMIT)
     ratio = log_ratio.exp()

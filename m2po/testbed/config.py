@@ -84,6 +84,10 @@ class RLConfig:
     clip_ratio: float = 0.2  # GRPO's epsilon
     m2_threshold: float = PAPER_M2_THRESHOLD
     m2po_variant: str = "mask"
+    # None: each loss call is a whole mini-batch (M2PO's cut over the mini-batch, verl's m2_scope=mini_batch);
+    # k: the loss is called per k-sequence micro-batch with the gradient accumulated, as verl calls it, so
+    # M2PO's cut is per micro-batch (m2_scope=micro_batch). Nothing else changes (the same normalisation).
+    m2_micro_batch: int | None = None
     staleness_updates: int = 64  # k for the *_stale methods
     warmup: str = WARMUP_BASE_POLICY
     eval_every: int = 10
@@ -106,6 +110,14 @@ class RLConfig:
             raise ValueError(f"rl.lr must be > 0, got {self.lr}")
         if self.grad_clip is not None and not 0 < self.grad_clip < float("inf"):
             raise ValueError(f"rl.grad_clip must be a positive number or None (no clipping), got {self.grad_clip}")
+        mini_batch = self.prompts_per_iteration * self.samples_per_prompt // self.mini_batches
+        if self.m2_micro_batch is not None and not (
+            isinstance(self.m2_micro_batch, int) and self.m2_micro_batch >= 1 and mini_batch % self.m2_micro_batch == 0
+        ):
+            raise ValueError(
+                f"rl.m2_micro_batch must divide the mini-batch of {mini_batch} sequences (or be None: one loss call per "
+                f"mini-batch), got {self.m2_micro_batch!r}"
+            )
 
     def staleness(self, stale: bool) -> StalenessConfig:
         """A run's stale@k: k = `staleness_updates` for the *_stale methods, 0 on-policy; u = `mini_batches`."""
@@ -137,6 +149,8 @@ class TestbedConfig:
     def to_json(self) -> dict:
         out = dataclasses.asdict(self)
         out["task"] = task_to_json(self.task)
+        if out["rl"]["m2_micro_batch"] is None:  # the default: results folders written before the key stay valid
+            del out["rl"]["m2_micro_batch"]
         return out
 
     def experiment_json(self) -> dict:

@@ -230,6 +230,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lr", type=float, default=None)
     parser.add_argument("--grad-clip", type=_grad_clip, default=None, metavar="NORM|none",
                         help="clip the gradient norm at NORM; 'none' trains without clipping")
+    parser.add_argument("--m2-micro-batch", type=int, default=None, metavar="K",
+                        help="call the loss per K-sequence micro-batch (M2PO's cut per micro-batch, verl's "
+                             "policy_loss.m2_scope=micro_batch); default: per mini-batch")
     parser.add_argument("--eval-every", type=int, default=None)
     parser.add_argument("--eval-problems", type=int, default=None)
     parser.add_argument("--checkpoint-every", type=int, default=None)
@@ -251,6 +254,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--testbed-out and --kill-after-step go with --engine verl")
     rl_changes = {k: v for k, v in {"iterations": args.iterations, "staleness_updates": args.staleness,
                                      "lr": args.lr, "grad_clip": args.grad_clip, "eval_every": args.eval_every,
+                                     "m2_micro_batch": args.m2_micro_batch,
                                      "eval_problems": args.eval_problems,
                                      "checkpoint_every": args.checkpoint_every}.items() if v is not None}
     if args.grad_clip == _NO_CLIP:

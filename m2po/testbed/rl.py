@@ -51,6 +51,8 @@ def testbed_actor_config(config: TestbedConfig, loss_mode: str) -> FSDPActorConf
         mini_batch_size=batch // rl.mini_batches,
         m2_threshold=rl.m2_threshold,
         m2po_variant=rl.m2po_variant,
+        # one loss call per mini-batch is the mini-batch scope; per micro-batch, each call is its own scope
+        m2_scope="mini_batch" if rl.m2_micro_batch is None else "micro_batch",
     )
 
 
@@ -137,10 +139,7 @@ def train_on(model, optimizer, batch, config: TestbedConfig, loss_fn, actor: FSD
         if observer is not None:
             observer(mini, log_probs.detach())
         diagnostics = second_moments(log_probs.detach(), mini["old_log_probs"], mask, config.task.answer_start)
-        loss, metrics = loss_fn(
-            old_log_prob=mini["old_log_probs"], log_prob=log_probs, advantages=mini["advantages"],
-            response_mask=mask, loss_agg_mode="token-mean", config=actor, rollout_is_weights=None,
-        )
+        loss, metrics = _mini_batch_loss(loss_fn, actor, mini, log_probs, rl.m2_micro_batch or size)
         optimizer.zero_grad()
         loss.backward()
         max_norm = rl.grad_clip if rl.grad_clip is not None else float("inf")
@@ -154,6 +153,23 @@ def train_on(model, optimizer, batch, config: TestbedConfig, loss_fn, actor: FSD
     averaged = {key: float(np.mean(values)) for key, values in collected.items()}
     averaged.update({f"{key}_max": float(np.max(collected[key])) for key in MAX_OVER_UPDATES})
     return averaged
+
+
+def _mini_batch_loss(loss_fn, actor, mini, log_probs, micro_batch: int):
+    """The mini-batch's loss as verl computes it: one loss call per `micro_batch` sequences, each normalised
+    by the whole mini-batch's tokens (`actor.global_batch_info`), summed; the metrics averaged over the calls.
+    With `micro_batch` = the mini-batch this is one call (M2PO's cut over the mini-batch)."""
+    losses, collected = [], {}
+    for start in range(0, len(log_probs), micro_batch):
+        part = slice(start, start + micro_batch)
+        loss, metrics = loss_fn(
+            old_log_prob=mini["old_log_probs"][part], log_prob=log_probs[part], advantages=mini["advantages"][part],
+            response_mask=mini["response_mask"][part], loss_agg_mode="token-mean", config=actor, rollout_is_weights=None,
+        )
+        losses.append(loss)
+        for key, value in metrics.items():
+            collected.setdefault(key, []).append(float(value))
+    return torch.stack(losses).sum(), {key: float(np.mean(values)) for key, values in collected.items()}
 
 
 def _save_checkpoint(run_dir, model, optimizer, generator, buffer, iteration, updates):

@@ -1,6 +1,7 @@
 """verl integration: importing this module registers the `m2po` and `no_trust_region` loss modes,
 M2PO's start-up checks inside verl's `validate_config`, the hook that keeps a resumed run's earlier
-metrics (`metrics_attempts`) and, lazily, our trainers
+metrics (`metrics_attempts`), the hook that decides M2PO's cut over the whole mini-batch in verl's FSDP
+engine (`minibatch_scope`) and, lazily, our trainers
 (`trainer.v1.trainer_mode=m2po_stale`, `m2po_separate_async`, `m2po_colocate_async`).
 
 It is the `verl.plugins` entry point, so `import verl` imports it in every process (the driver
@@ -13,6 +14,7 @@ import wrapt
 
 from m2po.verl_integration.config import M2POPolicyLossConfig
 from m2po.verl_integration.metrics_attempts import install_metrics_attempts_hook
+from m2po.verl_integration.minibatch_scope import install_minibatch_scope_hook
 from m2po.verl_integration.policy_losses import (
     METRIC_PREFIX,
     compute_policy_loss_m2po,
@@ -26,6 +28,7 @@ from m2po.verl_integration.trainer_modes import LOSS_MODES
 install_validate_config_hook()
 install_metrics_attempts_hook()
 install_entry_point_hook()
+install_minibatch_scope_hook()
 
 
 @wrapt.when_imported("verl.trainer.ppo.v1")

@@ -14,6 +14,7 @@ from typing import Optional
 from verl.workers.config import FSDPActorConfig, PolicyLossConfig
 
 from m2po.algorithm import DECOUPLED_DENOMINATORS, PAPER_M2_THRESHOLD, check_m2_threshold, check_variant
+from m2po.verl_integration.minibatch_scope import DEFAULT_SCOPE, SCOPES
 from m2po.verl_integration.trainer_modes import decoupled_loss_setting
 
 KEY_PREFIX = "actor_rollout_ref.actor.policy_loss"
@@ -37,12 +38,18 @@ class M2POPolicyLossConfig(PolicyLossConfig):
         decoupled_denominator (str): for the decoupled losses, what the token-mean divides by: "valid"
             (every valid token, the paper's footnote; default) or "kept" (the tokens the M2 mask kept,
             AReaL's code: the loss scaled by n_valid / n_kept per micro-batch); docs/async.md.
+        m2_scope (str): which tokens Algorithm 1's cut (or the clip variant's cap) is taken over in verl's
+            actor: "mini_batch" (the paper's: every token of the optimizer mini-batch on all data-parallel
+            ranks, decided by an extra forward without gradient, the same whatever the micro-batching and
+            the number of GPUs; FSDP strategies only) or "micro_batch" (each micro-batch on each rank, as
+            the authors' fork and AReaL do; no extra forward). docs/losses.md, "Which batch".
     """
 
     m2_threshold: float = PAPER_M2_THRESHOLD
     m2po_variant: str = "mask"
     behaviour_weight_cap: Optional[float] = None
     decoupled_denominator: str = "valid"
+    m2_scope: str = DEFAULT_SCOPE
 
     def __post_init__(self):
         check_m2_threshold(self.m2_threshold, key=f"{KEY_PREFIX}.m2_threshold")
@@ -54,6 +61,14 @@ class M2POPolicyLossConfig(PolicyLossConfig):
             raise ValueError(
                 f"{KEY_PREFIX}.decoupled_denominator must be one of {list(DECOUPLED_DENOMINATORS)}, "
                 f"got {self.decoupled_denominator!r}"
+            )
+        if self.m2_scope not in SCOPES:
+            raise ValueError(f"{KEY_PREFIX}.m2_scope must be one of {list(SCOPES)}, got {self.m2_scope!r}")
+        if (self.m2_scope, self.decoupled_denominator, self.loss_mode, self.m2po_variant) == ("mini_batch", "kept", "m2po", "decoupled"):
+            raise ValueError(
+                f"{KEY_PREFIX}.decoupled_denominator='kept' is AReaL's rescaling of each micro-batch by its own "
+                f"n_valid / n_kept, which needs the mask taken per micro-batch: set {KEY_PREFIX}.m2_scope=micro_batch "
+                "with it (or decoupled_denominator=valid)"
             )
         if self.decoupled_denominator != "valid" and decoupled_loss_setting(self.loss_mode, self.m2po_variant) is None:
             raise ValueError(

@@ -1,10 +1,12 @@
 """verl-signature wrappers around `m2po.algorithm`, registered in verl's policy-loss registry.
 
 verl calls a policy loss once per micro-batch (`workers/utils/losses.py::ppo_loss`) with padded
-`(micro_batch, response_len)` tensors. The M2 statistic, and hence the mask, is therefore taken
-over the micro-batch, as in every public implementation. Aggregation goes through verl's own
-`agg_loss` with `config.global_batch_info`, so the micro-batch and data-parallel normalisation
-is exactly that of verl's vanilla loss.
+`(micro_batch, response_len)` tensors. With `policy_loss.m2_scope=mini_batch` (the default) M2PO's cut
+is decided beforehand over the whole optimizer mini-batch on every data-parallel rank
+(`minibatch_scope`) and the loss applies its slice; with `m2_scope=micro_batch` the loss decides it
+over the micro-batch it is handed, as the authors' fork and AReaL do. Aggregation goes through verl's
+own `agg_loss` with `config.global_batch_info`, so the micro-batch and data-parallel normalisation is
+exactly that of verl's vanilla loss.
 """
 
 from __future__ import annotations
@@ -18,15 +20,19 @@ from verl.trainer.ppo.core_algos import agg_loss, register_policy_loss
 
 from m2po.algorithm import (
     TokenLosses,
+    cut_inputs,
+    decoupled_cut_inputs,
     decoupled_m2po_token_losses,
     gppo_token_losses,
     m2po_token_losses,
     no_trust_region_token_losses,
+    second_moment_keep_mask,
     stats_to_floats,
     topr_token_losses,
 )
 from m2po.verl_integration.behaviour_ratio import CORRECTION_KEY, UNTRUNCATED_IS_THRESHOLD
 from m2po.verl_integration.config import M2POPolicyLossConfig
+from m2po.verl_integration.minibatch_scope import DEFAULT_SCOPE, SCOPE_KEY, SUPPORTED_STRATEGIES, current_cut
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +65,22 @@ def _m2po_params(config: Any) -> tuple[float, str]:
         threshold = _DEFAULTS.m2_threshold if threshold is None else threshold
         variant = _DEFAULTS.m2po_variant if variant is None else variant
     return threshold, variant
+
+
+def _minibatch_cut(config: Any):
+    """The cut decided over this micro-batch's mini-batch (`m2_scope=mini_batch` in verl's FSDP actor), or
+    None where this call is the scope: `m2_scope=micro_batch`, or a direct call with a whole mini-batch
+    (the CPU testbed, the benchmarks)."""
+    cut = current_cut()
+    scope = _policy_loss_value(config, "m2_scope") or DEFAULT_SCOPE
+    strategy = getattr(config, "strategy", None)
+    if cut is None and scope == "mini_batch" and strategy is not None and strategy not in SUPPORTED_STRATEGIES:
+        raise RuntimeError(
+            f"{SCOPE_KEY}=mini_batch, but the actor's strategy {strategy!r} does not decide the mini-batch's cut "
+            f"(only {' and '.join(SUPPORTED_STRATEGIES)} do, m2po.verl_integration.minibatch_scope): set "
+            f"{SCOPE_KEY}=micro_batch to take Algorithm 1 over each micro-batch"
+        )
+    return cut
 
 
 def _algorithm_arguments(old_log_prob, log_prob, advantages, response_mask, rollout_is_weights) -> dict:
@@ -104,7 +126,8 @@ def _clip_ratios(config: Any) -> tuple[float, float, float]:
 
 
 def _decoupled_token_losses(
-    old_log_prob, log_prob, advantages, response_mask, rollout_is_weights, threshold, config, name="m2po_variant=decoupled"
+    old_log_prob, log_prob, advantages, response_mask, rollout_is_weights, threshold, config, name="m2po_variant=decoupled",
+    m2_keep_mask=None,
 ):
     """AReaL's decoupled M2PO (decoupled PPO with `threshold=inf`) in verl's decoupled mode: `old_log_prob`
     is the proximal policy's, and `rollout_is_weights` (token level, untruncated) are `pi_prox / pi_behav`."""
@@ -134,6 +157,7 @@ def _decoupled_token_losses(
         clip_ratio_c=dual,
         behaviour_weight_cap=_policy_loss_value(config, "behaviour_weight_cap"),
         denominator=_policy_loss_value(config, "decoupled_denominator") or "valid",
+        m2_keep_mask=m2_keep_mask,
     )
 
 
@@ -165,17 +189,46 @@ def compute_policy_loss_m2po(
         (scalar loss, metrics with `actor/m2po/*`, `actor/ppo_kl`, `actor/pg_clipfrac`).
     """
     threshold, variant = _m2po_params(config)
+    cut = _minibatch_cut(config)
+    keep_mask = None if cut is None else cut.keep_mask
     if variant == "decoupled":
         out = _decoupled_token_losses(
-            old_log_prob, log_prob, advantages, response_mask, rollout_is_weights, threshold, config
+            old_log_prob, log_prob, advantages, response_mask, rollout_is_weights, threshold, config,
+            m2_keep_mask=keep_mask,
         )
-        return _to_verl(out, response_mask, loss_agg_mode, config)
+        cut_over = None
+        if keep_mask is not None:
+            weights = torch.where(response_mask, rollout_is_weights, 1.0)
+            cut_over = (decoupled_cut_inputs(weights.log(), response_mask), response_mask, response_mask)
+        return _with_cut_metrics(_to_verl(out, response_mask, loss_agg_mode, config), cut, threshold, cut_over)
     out = m2po_token_losses(
         **_algorithm_arguments(old_log_prob, log_prob, advantages, response_mask, rollout_is_weights),
         m2_threshold=threshold,
         variant=variant,
+        keep_mask=keep_mask,
+        log_ratio_cap=None if cut is None else cut.log_ratio_cap,
     )
-    return _to_verl(out, response_mask, loss_agg_mode, config)
+    cut_over = None
+    if keep_mask is not None:
+        cut_over = (*cut_inputs(log_prob.detach(), old_log_prob, advantages, response_mask), response_mask)
+    return _with_cut_metrics(_to_verl(out, response_mask, loss_agg_mode, config), cut, threshold, cut_over)
+
+
+def _with_cut_metrics(result, cut, threshold: float, cut_over=None):
+    """Where the cut was decided over the mini-batch: its own statistics (`actor/m2po/cut_*`) and,
+    given `cut_over = (log_ratio, candidates, response_mask)` of this micro-batch,
+    `actor/m2po/micro_scope_differ_fraction`: the fraction of its valid tokens that Algorithm 1 over the
+    micro-batch alone (`m2_scope=micro_batch`) would have masked differently."""
+    loss, metrics = result
+    if cut is None:
+        return loss, metrics
+    metrics.update({METRIC_PREFIX + name: value for name, value in (cut.metrics or {}).items()})
+    if cut_over is not None and cut.keep_mask is not None:
+        log_ratio, candidates, response_mask = cut_over
+        own = second_moment_keep_mask(log_ratio, candidates, threshold) | ~candidates
+        differ = (own != (cut.keep_mask | ~candidates)) & response_mask
+        metrics[METRIC_PREFIX + "micro_scope_differ_fraction"] = float(differ.sum() / response_mask.sum().clamp(min=1))
+    return loss, metrics
 
 
 @register_policy_loss("decoupled_ppo")

@@ -20,6 +20,7 @@ import wrapt
 
 from m2po.verl_integration.behaviour_ratio import check_behaviour_ratio
 from m2po.verl_integration.late_names import late_name_errors
+from m2po.verl_integration.minibatch_scope import scope_config_errors
 from m2po.verl_integration.trainer_modes import LOSS_MODES
 
 
@@ -48,9 +49,9 @@ def ignored_key_errors(config: DictConfig) -> list[str]:
 
 def check_m2po_config(config: DictConfig) -> None:
     """Raise a ValueError naming every offending key: names verl resolves only after start-up, keys
-    verl would silently ignore, the behaviour-ratio rules and, when the config has an `m2po.stale`
+    verl would silently ignore, M2PO's mini-batch scope where it cannot work, the behaviour-ratio rules and, when the config has an `m2po.stale`
     section, the stale@k settings."""
-    errors = late_name_errors(config) + ignored_key_errors(config)
+    errors = late_name_errors(config) + ignored_key_errors(config) + scope_config_errors(config)
     if errors:
         raise ValueError("; ".join(errors))
     check_behaviour_ratio(config)

@@ -84,6 +84,28 @@ VERL_INTERNALS = (
         "a resumed run's earlier metrics are moved aside before verl truncates the file (metrics_attempts.py)",
     ),
     (
+        "FSDPEngine.forward_backward_batch (wrapped): micro-batches cut from the mini-batch's TensorDict by "
+        "prepare_micro_batches, the loss called per micro-batch",
+        "workers/engine/fsdp/transformer_impl.py:724",
+        "policy_loss.m2_scope=mini_batch: the forward without gradient over the mini-batch and the cut, stored as a "
+        "field that verl's own micro-batching slices (minibatch_scope.py)",
+    ),
+    (
+        "the actor's loss_function = partial(ppo_loss, config=actor config)",
+        "workers/engine_workers.py:643",
+        "the mini-batch scope reads the actor config (policy_loss) from the partial and refuses any other loss",
+    ),
+    (
+        "no_padding_2_padding (log-probs of a no-padding batch, padded as ppo_loss pads them)",
+        "workers/utils/padding.py:97",
+        "the mini-batch scope pads the forward's log-probs exactly as the loss will see them",
+    ),
+    (
+        "reduce_metrics: np.min / np.max for keys containing 'min' / 'max'",
+        "utils/metric/utils.py:25",
+        "our metric names avoid both substrings unless a max is meant (ratio_max)",
+    ),
+    (
         "rollout_corr_helper._parse_rollout_is_threshold's reading of a string with '_' (mirrored)",
         "trainer/ppo/rollout_corr_helper.py:93",
         "an IcePop band such as '1_1000000000' is not read as one number (behaviour_ratio.parse_is_threshold)",
