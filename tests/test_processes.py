@@ -27,6 +27,9 @@ def _start_tree(word: str) -> subprocess.Popen:
 def test_kill_session_stops_the_whole_tree():
     process = _start_tree("ray")
     kill_session(process.pid)
+    # the leader is our child: dead but not yet reaped (a zombie), which is no longer a member
+    state = subprocess.run(["ps", "-o", "stat=", "-p", str(process.pid)], capture_output=True, text=True).stdout
+    assert state.strip().startswith("Z") and session_members(process.pid) == []
     process.wait(timeout=10)
     assert session_members(process.pid) == []
 

@@ -14,15 +14,18 @@ import time
 
 
 def session_members(session_id: int) -> list[tuple[int, str]]:
-    """(pid, command line) of every process in the session, this one left out. The whole command line:
+    """(pid, command line) of every live process in the session, this one left out. The whole command line:
     without `-ww`, ps cuts it at the width it finds for its output (80 columns under pytest), which hid
-    the word "ray" at the end of a long one."""
-    out = subprocess.run(["ps", "-ww", "-eo", "pid=,sid=,args="], capture_output=True, text=True, check=True).stdout
+    the word "ray" at the end of a long one. Zombies (dead, waiting for their parent to reap them) are not
+    members: nothing can stop them further, and `kill_session` waited its 10 s for one."""
+    out = subprocess.run(["ps", "-ww", "-eo", "pid=,sid=,stat=,args="], capture_output=True, text=True,
+                         check=True).stdout
     members = []
     for line in out.splitlines():
-        parts = line.split(None, 2)
-        if len(parts) >= 2 and int(parts[1]) == session_id and int(parts[0]) != os.getpid():
-            members.append((int(parts[0]), parts[2] if len(parts) == 3 else ""))
+        parts = line.split(None, 3)
+        if len(parts) < 3 or int(parts[1]) != session_id or int(parts[0]) == os.getpid() or parts[2].startswith("Z"):
+            continue
+        members.append((int(parts[0]), parts[3] if len(parts) == 4 else ""))
     return members
 
 
