@@ -67,7 +67,9 @@ def padded_batch(sequences: int, prompt_len: int, response_len: int, vocab: int,
 def measure(args, checkpointing: bool, model_dir: str) -> dict:
     from verl.workers.utils.losses import ppo_loss
 
-    from m2po.cpu_backend.actor_engine import build_actor_engine, current_log_probs, m2po_actor_config, mini_batch
+    from m2po.cpu_backend.actor_engine import build_actor_engine, mini_batch
+    from m2po.verl_integration.config import actor_config
+    from m2po.verl_integration.minibatch_scope import current_log_probs
 
     engine, model_config = build_actor_engine(model_dir, gradient_checkpointing=checkpointing)
     batch = padded_batch(args.sequences, args.prompt_len, args.response_len, model_config.hf_config.vocab_size)
@@ -77,7 +79,7 @@ def measure(args, checkpointing: bool, model_dir: str) -> dict:
                           micro_batch_size_per_gpu=args.micro_batch)
 
     def train(scope):
-        config = m2po_actor_config(model_config, mini_batch_size=args.sequences, m2_scope=scope)
+        config = actor_config("m2po", mini_batch_size=args.sequences, m2_scope=scope)
         engine.optimizer_zero_grad()
         engine.forward_backward_batch(td(), loss_function=partial(ppo_loss, config=config))
 

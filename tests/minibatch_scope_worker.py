@@ -101,8 +101,9 @@ def _main(rank: int, world: int, init_file: str, out_dir: str) -> None:
     from verl.workers.utils.losses import ppo_loss
 
     from m2po.cpu_backend import tiny
-    from m2po.cpu_backend.actor_engine import build_actor_engine, current_log_probs, m2po_actor_config, mini_batch
-    from m2po.verl_integration.minibatch_scope import CAP_FIELD, KEEP_FIELD, STATS_FIELD
+    from m2po.cpu_backend.actor_engine import build_actor_engine, mini_batch
+    from m2po.verl_integration.config import actor_config
+    from m2po.verl_integration.minibatch_scope import CAP_FIELD, KEEP_FIELD, STATS_FIELD, current_log_probs
 
     # float32 compute, so that "the same gradient up to float summation order" can be checked tightly
     engine, model_config = build_actor_engine(os.path.join(tiny.ensure_built(), "model"))
@@ -126,8 +127,8 @@ def _main(rank: int, world: int, init_file: str, out_dir: str) -> None:
             result = {"log_probs": gathered_log_probs(td)}  # what the cut is decided on, as the hook computes it
             engine.optimizer_zero_grad()
             output = engine.forward_backward_batch(td, loss_function=partial(
-                ppo_loss, config=m2po_actor_config(model_config, mini_batch_size=BATCH, m2_threshold=TAU,
-                                                   m2po_variant=variant, m2_scope=scope)))
+                ppo_loss, config=actor_config("m2po", mini_batch_size=BATCH, m2_threshold=TAU, m2po_variant=variant,
+                                                   m2_scope=scope)))
             result["gradient"] = _full_gradient(engine)
             differ = output["metrics"].get("actor/m2po/micro_scope_differ_fraction")
             if differ is not None:  # one value per micro-batch, in micro-batch order

@@ -28,21 +28,6 @@ def build_actor_engine(model_path: str, *, gradient_checkpointing: bool = False,
     return engine, model_config
 
 
-def m2po_actor_config(model_config, *, mini_batch_size: int, **policy_loss):
-    """The actor config verl's worker hands its `ppo_loss` (loss_mode m2po and `policy_loss` values)."""
-    from verl.workers.config import FSDPActorConfig, FSDPEngineConfig, FSDPOptimizerConfig
-
-    from m2po.verl_integration.config import M2POPolicyLossConfig
-
-    config = FSDPActorConfig(
-        strategy="fsdp2", ppo_mini_batch_size=mini_batch_size, ppo_micro_batch_size_per_gpu=1, use_dynamic_bsz=False,
-        use_torch_compile=False, rollout_n=1, optim=FSDPOptimizerConfig(lr=1e-3), engine=FSDPEngineConfig(strategy="fsdp2"),
-        policy_loss=M2POPolicyLossConfig(loss_mode="m2po", **policy_loss),
-    )
-    config.model_config = model_config
-    return config
-
-
 def mini_batch(padded: dict[str, torch.Tensor], *, global_batch_size: int, use_dynamic_bsz: bool,
                max_token_len_per_gpu: int | None = None, micro_batch_size_per_gpu: int | None = None):
     """One rank's mini-batch as `forward_backward_batch` takes it: verl's padded layout (`prompts`,
@@ -60,11 +45,3 @@ def mini_batch(padded: dict[str, torch.Tensor], *, global_batch_size: int, use_d
                          micro_batch_size_per_gpu=micro_batch_size_per_gpu or rows)
     return td
 
-
-def current_log_probs(engine, td) -> torch.Tensor:
-    """verl's forward without gradient over `td`, micro-batched as it says; padded `(rows, response_len)`."""
-    from verl.workers.utils.padding import no_padding_2_padding
-
-    with torch.no_grad():
-        output = engine.forward_backward_batch(td.copy(), loss_function=None, forward_only=True)
-    return no_padding_2_padding(output["model_output"]["log_probs"], td)

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 
+import torch
 from omegaconf import DictConfig
 
 from m2po.verl_integration.trainer_modes import (
@@ -239,3 +240,9 @@ def check_behaviour_ratio(config: DictConfig) -> None:
               if log_prob_errors else []) + rejection_sampling_errors(config)
     if errors:
         raise ValueError("; ".join(errors))
+
+
+def proximal_behaviour_log_ratio(rollout_is_weights: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
+    """`log(pi_prox / pi_behav)` per token from verl's token-level, untruncated `rollout_is_weights`
+    `(batch, response_len)`; 0 on padding (where verl's weights may be anything)."""
+    return torch.where(response_mask, rollout_is_weights, 1.0).log()

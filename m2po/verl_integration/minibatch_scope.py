@@ -38,6 +38,7 @@ from m2po.algorithm import (
     minibatch_clip_bound,
     minibatch_keep_masks,
 )
+from m2po.verl_integration.behaviour_ratio import proximal_behaviour_log_ratio
 
 SCOPES = ("mini_batch", "micro_batch")
 DEFAULT_SCOPE = "mini_batch"
@@ -70,18 +71,24 @@ def current_cut() -> MiniBatchCut | None:
     return _current_cut.get()
 
 
+def scope_of(policy_loss) -> str:
+    """`m2_scope` of a policy-loss config; the default where it has none (verl's plain `PolicyLossConfig`)."""
+    return (policy_loss.get("m2_scope", None) if policy_loss is not None else None) or DEFAULT_SCOPE
+
+
 def wants_minibatch_cut(actor_config) -> bool:
     """Whether this actor config's loss takes its cut over the mini-batch (loss_mode m2po, m2_scope mini_batch)."""
     policy_loss = getattr(actor_config, "policy_loss", None)
     if policy_loss is None or policy_loss.get("loss_mode", None) != "m2po":
         return False
-    return (policy_loss.get("m2_scope", None) or DEFAULT_SCOPE) == "mini_batch"
+    return scope_of(policy_loss) == "mini_batch"
 
 
 def m2po_settings(policy_loss) -> tuple[float, str]:
-    """(tau, variant) as the loss reads them: the paper's defaults where `policy_loss` is verl's plain
-    `PolicyLossConfig` (the loss warns about that once)."""
-    tau, variant = policy_loss.get("m2_threshold", None), policy_loss.get("m2po_variant", None)
+    """(tau, variant) as the loss reads them: the paper's defaults where `policy_loss` is missing or verl's
+    plain `PolicyLossConfig` (the loss warns about that once)."""
+    tau = policy_loss.get("m2_threshold", None) if policy_loss is not None else None
+    variant = policy_loss.get("m2po_variant", None) if policy_loss is not None else None
     return (PAPER_M2_THRESHOLD if tau is None else tau), (variant or "mask")
 
 
@@ -124,7 +131,7 @@ def _like_response_mask(values: torch.Tensor, response_mask: torch.Tensor) -> to
     return torch.nested.nested_tensor_from_jagged(flat, offsets=offsets)
 
 
-def _current_log_probs(engine, data) -> torch.Tensor:
+def current_log_probs(engine, data) -> torch.Tensor:
     """log pi_theta of every response token of this rank's mini-batch at the current weights, padded
     `(batch, response_len)`: verl's own forward, micro-batched as the training pass will be, no gradient."""
     from verl.utils import tensordict_utils as tu
@@ -147,10 +154,10 @@ def decide_cut(engine, data, actor_config) -> None:
             return  # the loss names what is missing, with the fix
         padded = _padded(data, "response_mask", "rollout_is_weights")
         mask = padded["response_mask"].bool()
-        log_ratio = decoupled_cut_inputs(torch.where(mask, padded["rollout_is_weights"], 1.0).log(), mask)
+        log_ratio = decoupled_cut_inputs(proximal_behaviour_log_ratio(padded["rollout_is_weights"], mask), mask)
         candidates = mask
     else:
-        log_probs = _current_log_probs(engine, data)
+        log_probs = current_log_probs(engine, data)
         padded = _padded(data, "response_mask", "old_log_probs", "advantages")
         mask = padded["response_mask"].bool()
         log_ratio, candidates = cut_inputs(log_probs, padded["old_log_probs"], padded["advantages"], mask)

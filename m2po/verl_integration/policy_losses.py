@@ -30,14 +30,12 @@ from m2po.algorithm import (
     stats_to_floats,
     topr_token_losses,
 )
-from m2po.verl_integration.behaviour_ratio import CORRECTION_KEY, UNTRUNCATED_IS_THRESHOLD
-from m2po.verl_integration.config import M2POPolicyLossConfig
-from m2po.verl_integration.minibatch_scope import DEFAULT_SCOPE, SCOPE_KEY, SUPPORTED_STRATEGIES, current_cut
+from m2po.verl_integration.behaviour_ratio import CORRECTION_KEY, UNTRUNCATED_IS_THRESHOLD, proximal_behaviour_log_ratio
+from m2po.verl_integration.minibatch_scope import SCOPE_KEY, SUPPORTED_STRATEGIES, current_cut, m2po_settings, scope_of
 
 logger = logging.getLogger(__name__)
 
 METRIC_PREFIX = "actor/m2po/"
-_DEFAULTS = M2POPolicyLossConfig()
 _warned_default_config = False
 
 
@@ -49,21 +47,19 @@ def _policy_loss_value(config: Any, key: str):
 
 def _m2po_params(config: Any) -> tuple[float, str]:
     """(m2_threshold, variant) from the actor config; paper defaults when not configured."""
-    threshold = _policy_loss_value(config, "m2_threshold")
-    variant = _policy_loss_value(config, "m2po_variant")
-    if threshold is None or variant is None:
+    policy_loss = getattr(config, "policy_loss", None) if config is not None else None
+    threshold, variant = m2po_settings(policy_loss)
+    if _policy_loss_value(config, "m2_threshold") is None or _policy_loss_value(config, "m2po_variant") is None:
         global _warned_default_config
         if not _warned_default_config:
             logger.warning(
                 "loss_mode=m2po but actor.policy_loss is not an M2POPolicyLossConfig; using the paper "
                 "defaults m2_threshold=%s, m2po_variant=%s. Set actor_rollout_ref.actor.policy_loss._target_="
                 "m2po.verl_integration.config.M2POPolicyLossConfig (configs/m2po_trainer.yaml does) to change them.",
-                _DEFAULTS.m2_threshold,
-                _DEFAULTS.m2po_variant,
+                threshold,
+                variant,
             )
             _warned_default_config = True
-        threshold = _DEFAULTS.m2_threshold if threshold is None else threshold
-        variant = _DEFAULTS.m2po_variant if variant is None else variant
     return threshold, variant
 
 
@@ -72,7 +68,7 @@ def _minibatch_cut(config: Any):
     None where this call is the scope: `m2_scope=micro_batch`, or a direct call with a whole mini-batch
     (the CPU testbed, the benchmarks)."""
     cut = current_cut()
-    scope = _policy_loss_value(config, "m2_scope") or DEFAULT_SCOPE
+    scope = scope_of(getattr(config, "policy_loss", None) if config is not None else None)
     strategy = getattr(config, "strategy", None)
     if cut is None and scope == "mini_batch" and strategy is not None and strategy not in SUPPORTED_STRATEGIES:
         raise RuntimeError(
@@ -148,7 +144,7 @@ def _decoupled_token_losses(
     return decoupled_m2po_token_losses(
         log_probs=log_prob,
         proximal_log_probs=old_log_prob,
-        proximal_behaviour_log_ratio=torch.where(response_mask, rollout_is_weights, 1.0).log(),
+        proximal_behaviour_log_ratio=proximal_behaviour_log_ratio(rollout_is_weights, response_mask),
         advantages=advantages,
         response_mask=response_mask,
         m2_threshold=threshold,
@@ -198,8 +194,8 @@ def compute_policy_loss_m2po(
         )
         cut_over = None
         if keep_mask is not None:
-            weights = torch.where(response_mask, rollout_is_weights, 1.0)
-            cut_over = (decoupled_cut_inputs(weights.log(), response_mask), response_mask, response_mask)
+            staleness = decoupled_cut_inputs(proximal_behaviour_log_ratio(rollout_is_weights, response_mask), response_mask)
+            cut_over = (staleness, response_mask, response_mask)
         return _with_cut_metrics(_to_verl(out, response_mask, loss_agg_mode, config), cut, threshold, cut_over)
     out = m2po_token_losses(
         **_algorithm_arguments(old_log_prob, log_prob, advantages, response_mask, rollout_is_weights),
