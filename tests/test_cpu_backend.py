@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import random
 import subprocess
 import sys
 import threading
@@ -19,7 +20,15 @@ from omegaconf import OmegaConf
 
 from m2po.cpu_backend import tiny
 from m2po.cpu_backend.config import cpu_config_errors
-from m2po.cpu_backend.patches import POLL_INTERVAL_ENV, POLL_INTERVAL_S, _collapse_gloo_backend
+from m2po.cpu_backend.patches import (
+    MASTER_PORT_FLOOR,
+    MASTER_PORT_WINDOW,
+    POLL_INTERVAL_ENV,
+    POLL_INTERVAL_S,
+    _collapse_gloo_backend,
+    ephemeral_port_floor,
+    master_port_window,
+)
 from m2po.cpu_backend.sampler import SampleRequest, request_seed, sample_batch
 from m2po.cpu_backend.smoke import smoke_overrides
 from m2po.configs import compose as compose_config
@@ -38,6 +47,7 @@ from verl.workers.rollout.replica import RolloutReplicaRegistry
 from verl.checkpoint_engine.base import CheckpointEngineRegistry
 from verl.utils import fsdp_utils
 from verl.trainer.ppo.v1.replay_buffer import ReplayBuffer
+from verl.single_controller.ray.base import RayWorkerGroup
 buffer = ReplayBuffer(trainer_mode="sync", trainer_config={}, max_off_policy_threshold=None,
                       max_off_policy_strategy="drop", sampler_kwargs={})
 print(json.dumps({
@@ -48,6 +58,7 @@ print(json.dumps({
     "init_process_group_patched": hasattr(torch.distributed.init_process_group, "_m2po_cpu_patch"),
     "offload_policy": transformer_impl.CPUOffloadPolicy.__name__,
     "snapshot_patched": hasattr(fsdp_utils.fsdp2_sharded_save_to_cpu, "_m2po_cpu_patch"),
+    "master_port_patched": hasattr(RayWorkerGroup._get_master_addr_port, "_m2po_cpu_patch"),
     "checkpoint_engines": sorted(CheckpointEngineRegistry._registry),
     "device": get_platform().device_name,
     "replay_poll_s": buffer.poll_interval,
@@ -74,6 +85,7 @@ def test_unselected_backend_leaves_verl_unchanged():
     assert state["cpu_engines"] == []
     assert not state["init_process_group_patched"] and state["offload_policy"] == "CPUOffloadPolicy"
     assert not state["snapshot_patched"] and "m2po_cpu" not in state["checkpoint_engines"]
+    assert not state["master_port_patched"]
     assert state["device"] == "cuda"  # verl's own fallback on a machine without accelerators
     assert state["replay_poll_s"] == 2.0 and not state["token_builder_warning_filtered"]
     assert state["tq_threads"] is None
@@ -86,6 +98,7 @@ def test_selected_backend_registers_platform_engines_rollout_and_patches():
     assert state["cpu_engines"] == ["fsdp", "fsdp2"]
     assert state["init_process_group_patched"] and state["offload_policy"] == "UnpinnedCPUOffloadPolicy"
     assert state["snapshot_patched"] and "m2po_cpu" in state["checkpoint_engines"]
+    assert state["master_port_patched"]
     assert state["replay_poll_s"] == POLL_INTERVAL_S < 2.0 and state["token_builder_warning_filtered"]
     # TransferQueue's threads: the physical cores (at most 8), inherited by the local Ray cluster's workers
     import psutil
@@ -111,6 +124,42 @@ def test_other_verl_versions_are_refused_by_name(monkeypatch):
 )
 def test_only_an_all_gloo_backend_string_is_collapsed(backend, expected):
     assert _collapse_gloo_backend(backend) == expected
+
+
+@given(ephemeral_floor=st.integers(0, 65536), seed=st.integers(0, 2**32 - 1))
+def test_master_port_window_lies_below_the_kernels_ephemeral_ports(ephemeral_floor, seed):
+    window = master_port_window(ephemeral_floor, random.Random(seed))
+    if ephemeral_floor - MASTER_PORT_FLOOR < 2 * MASTER_PORT_WINDOW:
+        assert window is None  # verl's own bind(0)
+    else:
+        start, end = window
+        assert MASTER_PORT_FLOOR <= start and end <= ephemeral_floor and end - start == MASTER_PORT_WINDOW
+    assert master_port_window(None) is None
+
+
+def test_ephemeral_port_floor_reads_the_kernels_range(tmp_path):
+    path = tmp_path / "ip_local_port_range"
+    path.write_text("32768\t60999\n")
+    assert ephemeral_port_floor(str(path)) == 32768
+    path.write_text("")
+    assert ephemeral_port_floor(str(path)) is None
+    assert ephemeral_port_floor(str(tmp_path / "absent")) is None
+
+
+def test_worker_groups_scan_a_window_unless_the_user_set_a_range(monkeypatch):
+    from verl.single_controller.ray.base import RayWorkerGroup
+
+    from m2po.cpu_backend import patches
+
+    calls = []
+    monkeypatch.setattr(RayWorkerGroup, "_get_master_addr_port",
+                        lambda self, pg, bundle_index=0, master_port_range=None: calls.append(master_port_range))
+    monkeypatch.setattr(patches, "ephemeral_port_floor", lambda: 32768)
+    patches._patch_master_port_choice()
+    RayWorkerGroup._get_master_addr_port(None, "pg", bundle_index=0, master_port_range=None)
+    RayWorkerGroup._get_master_addr_port(None, "pg", bundle_index=0, master_port_range=[40000, 40010])
+    (start, end), users = calls
+    assert MASTER_PORT_FLOOR <= start < end <= 32768 and users == [40000, 40010]
 
 
 # --------------------------------------------------------------------------- tiny model and sampler

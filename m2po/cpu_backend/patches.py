@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import random
 
 import torch
 
@@ -19,12 +20,25 @@ POLL_INTERVAL_S = 0.05
 POLL_INTERVAL_ENV = "M2PO_CPU_REPLAY_POLL_S"
 # "0" keeps verl's per-request Continuous Token warning (to time verl's own behaviour)
 LOG_FILTER_ENV = "M2PO_CPU_LOG_FILTER"
+# Worker groups' torch.distributed master ports are drawn from [floor, the kernel's ephemeral range):
+# above `ray start`'s worker ports (10002-19999; a local ray.init's are ephemeral) and never handed out by the kernel.
+MASTER_PORT_FLOOR = 20000
+MASTER_PORT_WINDOW = 1000
+EPHEMERAL_RANGE_FILE = "/proc/sys/net/ipv4/ip_local_port_range"
 
 PATCHES = (
     (
         "torch.distributed.init_process_group",
         "verl asks for the backend 'cpu:gloo,<device>:<backend>', which is 'cpu:gloo,cpu:gloo' on CPU and "
         "torch rejects; collapsed to 'gloo' (verl/utils/distributed.py:63,89).",
+    ),
+    (
+        "verl.single_controller.ray.base.RayWorkerGroup._get_master_addr_port",
+        "verl draws each worker group's MASTER_PORT with bind(0) and frees it; the TCPStore listens on it only "
+        "when the workers' init_model runs, seconds later, and in between any connect() on the machine may be "
+        "given the same ephemeral port (seen once in CI: EADDRINUSE at init_process_group). Without "
+        "`master_port_range` set, a window of verl's own port scan is drawn below the kernel's ephemeral "
+        "range instead (base.py:91,520).",
     ),
     (
         "verl.workers.engine.fsdp.transformer_impl.CPUOffloadPolicy",
@@ -92,6 +106,42 @@ def _patch_init_process_group() -> None:
 
     init_process_group._m2po_cpu_patch = True
     torch.distributed.init_process_group = init_process_group
+
+
+def ephemeral_port_floor(path: str = EPHEMERAL_RANGE_FILE) -> int | None:
+    """The lowest port the kernel hands out on its own, or None where it cannot be read."""
+    try:
+        with open(path) as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def master_port_window(ephemeral_floor: int | None, rng: random.Random | None = None) -> list[int] | None:
+    """`[start, end)` for verl's master-port scan, inside [MASTER_PORT_FLOOR, ephemeral_floor); None (verl's
+    own bind(0)) where that range cannot hold a window. The start is random so that worker groups created
+    before any of them listens do not all scan to the same first free port."""
+    if ephemeral_floor is None or ephemeral_floor - MASTER_PORT_FLOOR < 2 * MASTER_PORT_WINDOW:
+        return None
+    start = (rng or random).randrange(MASTER_PORT_FLOOR, ephemeral_floor - MASTER_PORT_WINDOW)
+    return [start, start + MASTER_PORT_WINDOW]
+
+
+def _patch_master_port_choice() -> None:
+    from verl.single_controller.ray.base import RayWorkerGroup
+
+    original = RayWorkerGroup._get_master_addr_port
+    if getattr(original, "_m2po_cpu_patch", False):
+        return
+
+    @functools.wraps(original)
+    def _get_master_addr_port(self, pg, bundle_index=0, master_port_range=None):
+        if master_port_range is None:
+            master_port_range = master_port_window(ephemeral_port_floor())
+        return original(self, pg, bundle_index=bundle_index, master_port_range=master_port_range)
+
+    _get_master_addr_port._m2po_cpu_patch = True
+    RayWorkerGroup._get_master_addr_port = _get_master_addr_port
 
 
 def _patch_offload_policy() -> None:
@@ -221,6 +271,7 @@ def _register_engines() -> None:
 
 def apply_patches() -> None:
     _patch_init_process_group()
+    _patch_master_port_choice()
     _patch_offload_policy()
     _patch_valuehead_loader()
     _patch_sharded_snapshot()
