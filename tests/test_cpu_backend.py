@@ -137,6 +137,14 @@ def test_master_port_window_lies_below_the_kernels_ephemeral_ports(ephemeral_flo
     assert master_port_window(None) is None
 
 
+def test_master_port_window_leaves_the_runs_random_state_alone():
+    random.seed(7)
+    expected = random.random()
+    random.seed(7)
+    assert master_port_window(32768) is not None
+    assert random.random() == expected
+
+
 def test_ephemeral_port_floor_reads_the_kernels_range(tmp_path):
     path = tmp_path / "ip_local_port_range"
     path.write_text("32768\t60999\n")

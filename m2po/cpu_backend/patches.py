@@ -120,10 +120,11 @@ def ephemeral_port_floor(path: str = EPHEMERAL_RANGE_FILE) -> int | None:
 def master_port_window(ephemeral_floor: int | None, rng: random.Random | None = None) -> list[int] | None:
     """`[start, end)` for verl's master-port scan, inside [MASTER_PORT_FLOOR, ephemeral_floor); None (verl's
     own bind(0)) where that range cannot hold a window. The start is random so that worker groups created
-    before any of them listens do not all scan to the same first free port."""
+    before any of them listens do not all scan to the same first free port; drawn from the OS by default, so
+    neither a seeded run nor its resume repeats it and the run's own `random` state is left untouched."""
     if ephemeral_floor is None or ephemeral_floor - MASTER_PORT_FLOOR < 2 * MASTER_PORT_WINDOW:
         return None
-    start = (rng or random).randrange(MASTER_PORT_FLOOR, ephemeral_floor - MASTER_PORT_WINDOW)
+    start = (rng or random.SystemRandom()).randrange(MASTER_PORT_FLOOR, ephemeral_floor - MASTER_PORT_WINDOW)
     return [start, start + MASTER_PORT_WINDOW]
 
 
