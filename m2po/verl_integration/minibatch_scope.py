@@ -96,9 +96,7 @@ def scope_config_errors(config) -> list[str]:
     """Start-up: `m2_scope=mini_batch` where it cannot work (not an FSDP strategy, or distillation's loss)."""
     from omegaconf import OmegaConf
 
-    prefix = SCOPE_KEY.rsplit(".", 1)[0]
-    scope = OmegaConf.select(config, SCOPE_KEY, default=None) or DEFAULT_SCOPE
-    if OmegaConf.select(config, f"{prefix}.loss_mode", default=None) != "m2po" or scope != "mini_batch":
+    if not wants_minibatch_cut(OmegaConf.select(config, "actor_rollout_ref.actor", default=None)):
         return []
     errors = []
     strategy = OmegaConf.select(config, "actor_rollout_ref.actor.strategy", default=None)

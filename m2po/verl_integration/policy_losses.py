@@ -41,13 +41,13 @@ _warned_default_config = False
 
 def _policy_loss_value(config: Any, key: str):
     """`config.policy_loss.<key>`, or None where the actor config has no such key."""
-    policy_loss = getattr(config, "policy_loss", None) if config is not None else None
+    policy_loss = getattr(config, "policy_loss", None)
     return policy_loss.get(key, None) if policy_loss is not None else None
 
 
 def _m2po_params(config: Any) -> tuple[float, str]:
     """(m2_threshold, variant) from the actor config; paper defaults when not configured."""
-    policy_loss = getattr(config, "policy_loss", None) if config is not None else None
+    policy_loss = getattr(config, "policy_loss", None)
     threshold, variant = m2po_settings(policy_loss)
     if _policy_loss_value(config, "m2_threshold") is None or _policy_loss_value(config, "m2po_variant") is None:
         global _warned_default_config
@@ -68,7 +68,7 @@ def _minibatch_cut(config: Any):
     None where this call is the scope: `m2_scope=micro_batch`, or a direct call with a whole mini-batch
     (the CPU testbed, the benchmarks)."""
     cut = current_cut()
-    scope = scope_of(getattr(config, "policy_loss", None) if config is not None else None)
+    scope = scope_of(getattr(config, "policy_loss", None))
     strategy = getattr(config, "strategy", None)
     if cut is None and scope == "mini_batch" and strategy is not None and strategy not in SUPPORTED_STRATEGIES:
         raise RuntimeError(
